@@ -1,0 +1,13 @@
+"""The one error type raised for invalid input: it names where, which field, what was expected and what was found."""
+from __future__ import annotations
+
+
+class SchemaError(ValueError):
+    """Invalid input at a boundary (episode JSON, annotation file, config, manifest, shard member)."""
+
+    def __init__(self, where: str, field: str, expected: str, found: object):
+        self.where, self.field, self.expected, self.found = where, field, expected, found
+        shown = repr(found)
+        if len(shown) > 200:
+            shown = shown[:200] + "…"
+        super().__init__(f"{where}: field {field!r}: expected {expected}, found {shown}")
