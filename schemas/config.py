@@ -1,0 +1,112 @@
+"""Build configuration: one frozen, validated dataclass; a config file plus CLI overrides produce it.
+
+`output_hash()` covers exactly the fields that change shard bytes, so a re-run with another executor or
+output path is recognised as the same build and a changed tokenizer/image mode is refused.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from schemas.errors import SchemaError
+
+# Fields that do not influence the shards' contents.
+_RUNTIME_FIELDS = {"output", "executor", "ray_address", "overwrite", "max_in_flight", "num_cpus", "progress"}
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    input: str = ""  # episode root folder, or a .json/.jsonl annotation file
+    output: str = "shards"  # local path or fsspec URL
+    model_path: str = ""  # tokenizer + preprocessor directory (e.g. a Qwen2.5-VL-7B-Instruct folder)
+    image_root: str = ""  # for annotation input: where relative image paths start
+    executor: str = "local"  # local | ray
+    ray_address: str = ""  # empty: $RAY_ADDRESS or a new local Ray
+    image_mode: str = "pad"  # pad (training) | crop (evaluation)
+    max_history_images: int = 8
+    episodes_per_shard: int = 8
+    zstd_level: int = 3
+    limit: int = 0  # number of episodes (0 = all)
+    max_length: int = 8192  # samples longer than this are rejected, never truncated
+    max_reject_fraction: float = 0.05
+    seed: int = 0  # order of samples inside a shard
+    overwrite: bool = False
+    max_in_flight: int = 0  # Ray tasks in flight (0 = 2 × cluster CPUs)
+    num_cpus: int = 0  # local Ray CPUs (0 = all)
+    progress: bool = True
+    vggt_model: str = ""  # VGGT checkpoint (.pt/.safetensors); empty = no feature precompute
+    vggt_config: str = "vggt1b"  # vggt1b | tiny (tests)
+    reference_frame: str = "last"  # first | last (the original's training default)
+    vggt_dtype: str = "bfloat16"  # float32 | bfloat16 | float16 (compute and storage)
+    vggt_batch_samples: int = 4  # samples per aggregator call
+
+    def __post_init__(self) -> None:
+        choices = {"executor": ("local", "ray"), "image_mode": ("pad", "crop"), "reference_frame": ("first", "last"),
+                   "vggt_dtype": ("float32", "bfloat16", "float16"), "vggt_config": ("vggt1b", "tiny")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise SchemaError("build config", name, f"one of {allowed}", getattr(self, name))
+        positive = ("episodes_per_shard", "max_length", "vggt_batch_samples")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise SchemaError("build config", name, "a positive integer", getattr(self, name))
+        for name in ("max_history_images", "limit", "max_in_flight", "num_cpus"):
+            if getattr(self, name) < 0:
+                raise SchemaError("build config", name, "an integer ≥ 0", getattr(self, name))
+        if not 1 <= self.zstd_level <= 22:
+            raise SchemaError("build config", "zstd_level", "an integer in 1..22", self.zstd_level)
+        if not 0.0 <= self.max_reject_fraction <= 1.0:
+            raise SchemaError("build config", "max_reject_fraction", "a fraction in [0, 1]", self.max_reject_fraction)
+
+    @classmethod
+    def from_mapping(cls, values: dict[str, Any], where: str = "build config") -> "BuildConfig":
+        """Build from a dict (config file + overrides); unknown keys and wrong types are refused."""
+        known = {f.name: f for f in fields(cls)}
+        kwargs = {}
+        for key, value in values.items():
+            key = key.replace("-", "_")
+            if key not in known:
+                raise SchemaError(where, key, f"one of {sorted(known)}", "an unknown key")
+            default = known[key].default
+            if isinstance(default, bool):
+                ok = isinstance(value, bool)
+            elif isinstance(default, float):
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+                value = float(value) if ok else value
+            else:
+                ok = isinstance(value, type(default)) and not isinstance(value, bool)
+            if not ok:
+                raise SchemaError(where, key, type(default).__name__, value)
+            kwargs[key] = value
+        return cls(**kwargs)
+
+    @classmethod
+    def from_file(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> "BuildConfig":
+        path = Path(path)
+        text = path.read_text(encoding="utf-8")
+        if path.suffix == ".toml":
+            import tomllib
+            values = tomllib.loads(text)
+        else:
+            import yaml
+            values = yaml.safe_load(text) or {}
+        if not isinstance(values, dict):
+            raise SchemaError(str(path), "(top level)", "a mapping of build options", values)
+        return cls.from_mapping({**values, **(overrides or {})}, where=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def output_dict(self) -> dict[str, Any]:
+        """The fields that determine the shards' bytes."""
+        return {k: v for k, v in self.to_dict().items() if k not in _RUNTIME_FIELDS}
+
+    def output_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.output_dict(), sort_keys=True).encode()).hexdigest()
+
+    def replace(self, **changes: Any) -> "BuildConfig":
+        return dataclasses.replace(self, **changes)
