@@ -1,0 +1,116 @@
+"""`python -m prep.build`: episode folders (or annotation files) → zstd WebDataset shards + manifest.
+
+config → plan → execute(run_task) → rejects report → manifest (written last) → quick verify.
+With no arguments it builds the embedded sample data into ./shards. `--executor ray` runs the same
+tasks on a local Ray or on the cluster named by `--ray-address` / $RAY_ADDRESS.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import time
+from collections import Counter
+
+from tqdm import tqdm
+
+from prep.build_report import check_output, manifest_from_results, print_summary, write_rejects
+from prep.plan import plan_shards
+from prep.shard_task import ShardResult, run_task
+from schemas.config import BuildConfig
+from schemas.errors import SchemaError
+from shards_manifest import shard_io
+
+log = logging.getLogger("prep.build")
+
+
+def build(config: BuildConfig) -> dict:
+    """Run a whole build; returns the summary dict. Raises BuildError past the allowed reject fraction."""
+    tasks, input_rejects = plan_shards(config)
+    check_output(config)
+    if config.executor == "ray":
+        from prep.ray_executor import execute_on_ray
+        results_iter = execute_on_ray(tasks, config)
+    else:
+        results_iter = (run_task(task, config) for task in tasks)
+    results = _collect_with_progress(results_iter, len(tasks), config.progress)
+    results.sort(key=lambda r: r.index)
+    rejects = [r.to_dict() for r in input_rejects] + [rej for r in results for rej in r.rejects]
+    write_rejects(config, rejects)
+    manifest = manifest_from_results(config, results, rejects)
+    num_samples = manifest.totals.samples
+    fraction = len(rejects) / max(1, len(rejects) + num_samples)
+    if fraction > config.max_reject_fraction:
+        by_reason = Counter(r["reason"] for r in rejects)
+        raise BuildError(f"{len(rejects)} of {len(rejects) + num_samples} inputs rejected ({fraction:.1%}), more than "
+                         f"max_reject_fraction {config.max_reject_fraction:.1%}; by reason: {dict(by_reason)}; "
+                         f"see {config.output}/rejects.jsonl. No manifest was written.")
+    shard_io.write_manifest(f"{config.output.rstrip('/')}/manifest.json", manifest)
+    problems = shard_io.quick_verify(config.output, manifest)
+    if problems:
+        raise BuildError("quick verify failed after the build:\n" + "\n".join(problems))
+    return print_summary(config, results, rejects, manifest)
+
+
+class BuildError(RuntimeError):
+    pass
+
+
+def _collect_with_progress(results_iter, num_tasks: int, show: bool) -> list[ShardResult]:
+    results, start = [], time.perf_counter()
+    totals = Counter()
+    with tqdm(total=num_tasks, unit="shard", disable=not show, dynamic_ncols=True) as bar:
+        for result in results_iter:
+            results.append(result)
+            totals.update(samples=result.samples, frames=result.frames, bytes=result.bytes, rejects=len(result.rejects))
+            elapsed = max(time.perf_counter() - start, 1e-9)
+            bar.set_postfix(samples=totals["samples"], frames_s=f"{totals['frames'] / elapsed:.1f}",
+                            MB_s=f"{totals['bytes'] / elapsed / 1e6:.1f}", rejects=totals["rejects"], refresh=False)
+            bar.update(1)
+    return results
+
+
+def parse_args(argv: list[str] | None = None) -> BuildConfig:
+    parser = argparse.ArgumentParser(
+        prog="python -m prep.build", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Every option can also be set in a TOML/YAML file given with --config; flags override the file.")
+    parser.add_argument("--config", help="TOML or YAML file of build options (keys as below, with underscores)")
+    for f in dataclasses.fields(BuildConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"(default {f.default})")
+        else:
+            parser.add_argument(flag, type=type(f.default), default=None, help=f"(default {f.default!r})")
+    args = vars(parser.parse_args(argv))
+    config_file = args.pop("config")
+    overrides = {k: v for k, v in args.items() if v is not None}
+    config = BuildConfig.from_file(config_file, overrides) if config_file else BuildConfig.from_mapping(overrides)
+    return _with_sample_defaults(config)
+
+
+def _with_sample_defaults(config: BuildConfig) -> BuildConfig:
+    """No --input: the embedded sample episodes; no --model-path: the shipped Qwen2.5 tokenizer."""
+    from prep.sample_data import ensure_sample_episodes, ensure_tokenizer
+
+    changes = {}
+    if not config.input:
+        changes["input"] = str(ensure_sample_episodes())
+    if not config.model_path:
+        changes["model_path"] = str(ensure_tokenizer())
+    return config.replace(**changes) if changes else config
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        build(parse_args(argv))
+    except (BuildError, SchemaError, FileNotFoundError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""`run_task`: the one function an executor runs — episodes in, one shard + a small result record out.
+
+Each unique frame is decoded, resized and stored once per shard, however many samples use it as
+history (a frame serves up to 9 samples: per-sample storage would cost ~9× the bytes). Idempotent: a
+shard whose sidecar record matches the file's sha256 and the build's config hash is not rebuilt.
+"""
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+from prep.episodes import expand_samples, is_ambiguous, read_episode
+from prep.frames import load_compact_frame, qwen_grid
+from prep.plan import ShardTask
+from prep.text import TextEncoder
+from schemas.config import BuildConfig
+from schemas.episode import AMBIGUOUS_SUBINSTRUCTION_MAPPING, Reject
+from schemas.errors import SchemaError
+from schemas.sample import CompactFrame, SampleRecord
+from shards_manifest import shard_io
+from shards_manifest.shard_io import StoredSample
+
+TASKS_DIR = "_tasks"  # per-shard completion records (JSON) of an unfinished or finished build
+
+
+@dataclass
+class ShardResult:
+    """What a task returns to the driver: counts, size and hash of its shard, its rejects."""
+
+    index: int
+    name: str
+    config_hash: str
+    episodes: int = 0
+    samples: int = 0
+    frames: int = 0
+    bytes: int = 0
+    sha256: str = ""
+    text_tokens: int = 0
+    visual_tokens: int = 0
+    source_image_bytes: int = 0
+    ambiguous_episodes: int = 0
+    rejects: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    skipped: bool = False  # True when an earlier run had already written this shard
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+
+@lru_cache(maxsize=4)
+def text_encoder(model_path: str) -> TextEncoder:
+    return TextEncoder.from_model_path(model_path)
+
+
+def run_task(task: ShardTask, config: BuildConfig) -> ShardResult:
+    """Build one shard (or return the record of an already finished one)."""
+    fs, root = shard_io.url_to_fs(config.output)
+    record_path = f"{root}/{TASKS_DIR}/{task.name}.json"
+    done = _finished_result(fs, root, record_path, task, config)
+    if done is not None:
+        return done
+    start = time.perf_counter()
+    result = ShardResult(task.index, task.name, config.output_hash())
+    samples, rejects = _collect_samples(task, config, result)
+    frames, stored = _encode_samples(samples, config, rejects, result)
+    random.Random(config.seed * 1_000_003 + task.index).shuffle(stored)  # mix episodes inside the shard
+    if stored:
+        info = shard_io.write_shard(f"{config.output.rstrip('/')}/{task.name}", frames, stored, config.zstd_level)
+        result.bytes, result.sha256 = info.bytes, info.sha256
+    result.samples, result.frames = len(stored), len(frames)
+    result.rejects = [r.to_dict() for r in rejects]
+    result.seconds = round(time.perf_counter() - start, 3)
+    fs.makedirs(f"{root}/{TASKS_DIR}", exist_ok=True)
+    with fs.open(record_path, "w") as f:  # written after the shard: its presence means "finished"
+        f.write(result.to_json())
+    return result
+
+
+def _finished_result(fs, root: str, record_path: str, task: ShardTask, config: BuildConfig) -> ShardResult | None:
+    if not fs.exists(record_path):
+        return None
+    result = ShardResult(**json.loads(fs.cat_file(record_path)))
+    if result.config_hash != config.output_hash():
+        return None
+    if result.samples and shard_io.sha256_of(f"{config.output.rstrip('/')}/{task.name}") != result.sha256:
+        return None
+    result.skipped = True
+    return result
+
+
+def _collect_samples(task: ShardTask, config: BuildConfig, result: ShardResult) -> tuple[list[SampleRecord], list[Reject]]:
+    if task.samples:
+        result.episodes = len({s.episode for s in task.samples})
+        return list(task.samples), []
+    samples, rejects = [], []
+    for path in task.episode_paths:
+        episode, episode_rejects = read_episode(path)
+        rejects += episode_rejects
+        if episode is None:
+            continue
+        result.episodes += 1
+        result.ambiguous_episodes += is_ambiguous(episode)
+        episode_samples, step_rejects = expand_samples(episode, config.max_history_images)
+        samples += episode_samples
+        rejects += step_rejects
+    return samples, rejects
+
+
+def _encode_samples(samples: list[SampleRecord], config: BuildConfig, rejects: list[Reject],
+                    result: ShardResult) -> tuple[list[CompactFrame], list[StoredSample]]:
+    encoder = text_encoder(config.model_path)
+    frames: dict[str, CompactFrame | None] = {}
+    stored = []
+    for sample in samples:
+        sample_frames = [_load_frame(frames, key, path, config, result) for key, path in
+                         zip(sample.frame_keys, sample.frame_paths)]
+        if any(f is None for f in sample_frames):
+            bad = [p for p, f in zip(sample.frame_paths, sample_frames) if f is None]
+            rejects.append(Reject(sample.sample_id, "unreadable_image", f"cannot decode {bad[0]}"))
+            continue
+        grids = [qwen_grid(f.canvas_h, f.canvas_w) for f in sample_frames]
+        text = encoder.encode_text(sample, grids)
+        if len(text) > config.max_length:
+            rejects.append(Reject(sample.sample_id, "too_long", f"{len(text)} tokens > max_length {config.max_length}"))
+            continue
+        visual = sum(g[0] * g[1] * g[2] // 4 for g in grids)
+        result.visual_tokens += visual
+        result.text_tokens += len(text) - visual
+        stored.append(StoredSample(key=sample.key, sample_id=sample.sample_id, episode=sample.episode,
+                                   frame_keys=sample.frame_keys, action_label=sample.action_label, tokens=text))
+    used = {k for s in stored for k in s.frame_keys}
+    ordered = [f for k, f in frames.items() if f is not None and k in used]
+    result.visual_tokens, result.text_tokens = int(result.visual_tokens), int(result.text_tokens)
+    return ordered, stored
+
+
+def _load_frame(cache: dict, key: str, path: str, config: BuildConfig, result: ShardResult) -> CompactFrame | None:
+    if key not in cache:
+        try:
+            cache[key] = load_compact_frame(path, key, config.image_mode)
+            result.source_image_bytes += Path(path).stat().st_size
+        except (SchemaError, OSError):
+            cache[key] = None
+    return cache[key]
