@@ -22,6 +22,7 @@ from prep.shard_task import ShardResult, run_task
 from schemas.config import BuildConfig
 from schemas.errors import SchemaError
 from shards_manifest import shard_io
+from shards_manifest.verify import quick_verify
 
 log = logging.getLogger("prep.build")
 
@@ -48,7 +49,7 @@ def build(config: BuildConfig) -> dict:
                          f"max_reject_fraction {config.max_reject_fraction:.1%}; by reason: {dict(by_reason)}; "
                          f"see {config.output}/rejects.jsonl. No manifest was written.")
     shard_io.write_manifest(f"{config.output.rstrip('/')}/manifest.json", manifest)
-    problems = shard_io.quick_verify(config.output, manifest)
+    problems = quick_verify(config.output, manifest)
     if problems:
         raise BuildError("quick verify failed after the build:\n" + "\n".join(problems))
     return print_summary(config, results, rejects, manifest)
@@ -86,7 +87,10 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
     args = vars(parser.parse_args(argv))
     config_file = args.pop("config")
     overrides = {k: v for k, v in args.items() if v is not None}
-    config = BuildConfig.from_file(config_file, overrides) if config_file else BuildConfig.from_mapping(overrides)
+    try:
+        config = BuildConfig.from_file(config_file, overrides) if config_file else BuildConfig.from_mapping(overrides)
+    except SchemaError as e:
+        parser.error(str(e))
     return _with_sample_defaults(config)
 
 

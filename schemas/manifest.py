@@ -130,6 +130,8 @@ class Manifest:
     shards: tuple[ShardRecord, ...]
     totals: Totals
     rejects_by_reason: dict[str, int]
+    # Counts of kept episodes that carry a known quirk, e.g. "ambiguous_subinstruction_mapping" (SPEC §1).
+    episode_flags: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check_types(self)

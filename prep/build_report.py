@@ -1,0 +1,98 @@
+"""The build's bookkeeping around the tasks: output checks, rejects report, manifest, summary table."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections import Counter
+from pathlib import Path
+
+from prep.shard_task import TASKS_DIR, ShardResult
+from schemas import SCHEMA_VERSION
+from schemas.config import BuildConfig
+from schemas.episode import AMBIGUOUS_SUBINSTRUCTION_MAPPING
+from schemas.manifest import Manifest, ShardRecord, Totals, VggtTags
+from shards_manifest import shard_io
+
+log = logging.getLogger(__name__)
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "added_tokens.json",
+                   "special_tokens_map.json")
+CREATED_BY = "vln-shards 0.1.0 prep.build"
+
+
+def files_hash(directory: str, names: tuple[str, ...]) -> str:
+    """sha256 over (name, bytes) of the given files that exist in `directory`."""
+    digest = hashlib.sha256()
+    for name in names:
+        path = Path(directory) / name
+        if path.is_file():
+            digest.update(name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def check_output(config: BuildConfig) -> None:
+    """Refuse to mix builds: an output made with another config needs --overwrite (which clears it)."""
+    fs, root = shard_io.url_to_fs(config.output)
+    root = root.rstrip("/")
+    hashes = set()
+    if fs.exists(f"{root}/manifest.json"):
+        hashes.add(shard_io.read_manifest(f"{config.output.rstrip('/')}/manifest.json").build_config_hash)
+    if fs.exists(f"{root}/{TASKS_DIR}"):
+        for path in fs.ls(f"{root}/{TASKS_DIR}", detail=False):
+            hashes.add(json.loads(fs.cat_file(path))["config_hash"])
+    foreign = hashes - {config.output_hash()}
+    if foreign and not config.overwrite:
+        raise FileExistsError(f"{config.output} holds a build with another configuration (config hash "
+                              f"{sorted(foreign)[0][:12]}, this build {config.output_hash()[:12]}); "
+                              "use --overwrite to replace it or choose another --output")
+    if foreign:
+        log.warning("--overwrite: removing the previous build in %s", config.output)
+        for path in fs.ls(root, detail=False):
+            name = path.rsplit("/", 1)[-1]
+            if name.startswith("shard-") or name in ("manifest.json", "rejects.jsonl", TASKS_DIR):
+                fs.rm(path, recursive=True)
+    fs.makedirs(root, exist_ok=True)
+
+
+def write_rejects(config: BuildConfig, rejects: list[dict]) -> None:
+    fs, root = shard_io.url_to_fs(config.output)
+    with fs.open(f"{root.rstrip('/')}/rejects.jsonl", "w") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rejects)
+
+
+def manifest_from_results(config: BuildConfig, results: list[ShardResult], rejects: list[dict],
+                          vggt: VggtTags | None = None) -> Manifest:
+    shards = tuple(ShardRecord(name=r.name, episodes=r.episodes, samples=r.samples, frames=r.frames, bytes=r.bytes,
+                               sha256=r.sha256, text_tokens=r.text_tokens, visual_tokens=r.visual_tokens)
+                   for r in results if r.samples)
+    totals = Totals(**{k: sum(getattr(s, k) for s in shards) for k in
+                       ("episodes", "samples", "frames", "bytes", "text_tokens", "visual_tokens")},
+                    source_image_bytes=sum(r.source_image_bytes for r in results))
+    ambiguous = sum(r.ambiguous_episodes for r in results)
+    return Manifest(
+        schema_version=SCHEMA_VERSION, created_by=CREATED_BY, build_config=config.output_dict(),
+        build_config_hash=config.output_hash(), tokenizer_hash=files_hash(config.model_path, TOKENIZER_FILES),
+        processor_hash=files_hash(config.model_path, ("preprocessor_config.json",)), image_mode=config.image_mode,
+        max_history_images=config.max_history_images, vggt=vggt, shards=shards, totals=totals,
+        rejects_by_reason=dict(sorted(Counter(r["reason"] for r in rejects).items())),
+        episode_flags={AMBIGUOUS_SUBINSTRUCTION_MAPPING: ambiguous} if ambiguous else {})
+
+
+def print_summary(config: BuildConfig, results: list[ShardResult], rejects: list[dict], manifest: Manifest) -> dict:
+    t = manifest.totals
+    seconds = sum(r.seconds for r in results if not r.skipped)
+    summary = {
+        "output": config.output, "shards": len(manifest.shards), "shards_skipped_already_done": sum(r.skipped for r in results),
+        "episodes": t.episodes, "samples": t.samples, "unique_frames": t.frames, "rejects": len(rejects),
+        "shard_bytes": t.bytes, "bytes_per_sample": t.bytes // max(1, t.samples),
+        "ratio_to_source_png_bytes": round(t.bytes / max(1, t.source_image_bytes), 3),
+        "task_seconds": round(seconds, 2),
+        "frames_per_task_second": round(sum(r.frames for r in results if not r.skipped) / max(seconds, 1e-9), 1),
+    }
+    width = max(map(len, summary))
+    print("\n".join(f"{k:<{width}}  {v}" for k, v in summary.items()))
+    for reason, count in manifest.rejects_by_reason.items():
+        print(f"{'  reject: ' + reason:<{width}}  {count}")
+    for flag, count in manifest.episode_flags.items():
+        print(f"{'  episodes with ' + flag:<{width}}  {count}")
+    return summary

@@ -1,0 +1,125 @@
+"""`prep.build`: counts and rejects, idempotent re-runs, resume after interruption, config guard,
+fsspec output, length rejects and the reject budget."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from prep.build import BuildError, build, parse_args
+from schemas.config import BuildConfig
+from shards_manifest import shard_io
+
+
+@pytest.fixture
+def config(episodes_dir, tokenizer_dir, tmp_path) -> BuildConfig:
+    return BuildConfig(input=str(episodes_dir), model_path=str(tokenizer_dir), output=str(tmp_path / "out"),
+                       episodes_per_shard=2, max_reject_fraction=0.5, progress=False)
+
+
+def shard_bytes(output: str) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(Path(output).glob("shard-*.tar"))}
+
+
+def test_build_fixture_episodes(config, fixtures_dir):
+    build(config)
+    manifest = shard_io.read_manifest(f"{config.output}/manifest.json")
+    # episodes sorted: ep_a, ep_b | ep_c, ep_z_no_milestones  → 2 shards; 12 + 2 + 1 samples
+    assert [s.name for s in manifest.shards] == ["shard-000000.tar", "shard-000001.tar"]
+    assert [s.samples for s in manifest.shards] == [14, 1]
+    assert manifest.totals.samples == 15 and manifest.totals.episodes == 3
+    # unique frames: ep_a 12 images, ep_b steps 0,1,2 (step 3 rejected and not referenced), ep_c 1
+    assert [s.frames for s in manifest.shards] == [15, 1]
+    assert manifest.totals.visual_tokens == 15 * 9 * 529
+    assert manifest.rejects_by_reason == {"empty_landmark_description": 1, "missing_step_json": 1,
+                                          "no_milestones_file": 1, "unmatched_file_name": 1}
+    assert manifest.episode_flags == {"ambiguous_subinstruction_mapping": 1}
+    rejects = [json.loads(line) for line in Path(config.output, "rejects.jsonl").read_text().splitlines()]
+    assert {r["source"] for r in rejects} == {"ep_a/step_99_STOP.PNG", "ep_b/step_1_MOVE_FORWARD.png",
+                                              "ep_b/step_3_STOP.png", "ep_z_no_milestones"}
+    stored = [r.sample_id for s in manifest.shards for r in shard_io.iter_shard(f"{config.output}/{s.name}")
+              if hasattr(r, "sample_id")]
+    golden = json.loads((fixtures_dir / "samples" / "index.json").read_text())["samples"]
+    assert sorted(stored) == sorted(g["id"] for g in golden)
+    assert stored[:12] != sorted(stored[:12])  # samples are mixed inside a shard, not in episode order
+
+
+def test_rerun_is_a_no_op_and_interrupted_build_finishes(config):
+    build(config)
+    first = shard_bytes(config.output)
+    mtimes = {p.name: p.stat().st_mtime_ns for p in Path(config.output).glob("shard-*.tar")}
+    summary = build(config)
+    assert summary["shards_skipped_already_done"] == 2
+    assert {p.name: p.stat().st_mtime_ns for p in Path(config.output).glob("shard-*.tar")} == mtimes
+    # simulate a crash: one shard and its completion record gone, manifest not yet written
+    Path(config.output, "shard-000001.tar").unlink()
+    Path(config.output, "_tasks", "shard-000001.tar.json").unlink()
+    Path(config.output, "manifest.json").unlink()
+    summary = build(config)
+    assert summary["shards_skipped_already_done"] == 1
+    assert shard_bytes(config.output) == first
+
+
+def test_corrupted_shard_is_rebuilt(config):
+    build(config)
+    first = shard_bytes(config.output)
+    path = Path(config.output, "shard-000000.tar")
+    data = bytearray(path.read_bytes())
+    data[5000] ^= 0xFF
+    path.write_bytes(bytes(data))
+    summary = build(config)
+    assert summary["shards_skipped_already_done"] == 1
+    assert shard_bytes(config.output) == first
+
+
+def test_refuses_other_config_unless_overwrite(config):
+    build(config)
+    other = config.replace(image_mode="crop")
+    with pytest.raises(FileExistsError, match="another configuration"):
+        build(other)
+    build(other.replace(overwrite=True))
+    assert shard_io.read_manifest(f"{config.output}/manifest.json").image_mode == "crop"
+
+
+def test_memory_filesystem_output_matches_local(config):
+    build(config)
+    remote = config.replace(output="memory://vln-test/out")
+    build(remote)
+    import fsspec
+    fs = fsspec.filesystem("memory")
+    for name, data in shard_bytes(config.output).items():
+        assert fs.cat_file(f"/vln-test/out/{name}") == data
+
+
+def test_too_long_samples_are_rejected_not_truncated(config):
+    summary = build(config.replace(max_length=5000, max_reject_fraction=1.0))
+    manifest = shard_io.read_manifest(f"{config.output}/manifest.json")
+    # golden lengths are 4971..5040: the ones above 5000 are rejected whole
+    assert manifest.rejects_by_reason["too_long"] >= 1
+    assert summary["samples"] + manifest.rejects_by_reason["too_long"] == 15
+
+
+def test_reject_budget_fails_without_manifest(config):
+    with pytest.raises(BuildError, match="more than max_reject_fraction"):
+        build(config.replace(max_reject_fraction=0.01))
+    assert not Path(config.output, "manifest.json").exists()
+    assert Path(config.output, "rejects.jsonl").exists()
+
+
+def test_cli_flags_and_config_file(tmp_path, episodes_dir, tokenizer_dir):
+    path = tmp_path / "build.toml"
+    path.write_text(f'input = "{episodes_dir}"\nmodel_path = "{tokenizer_dir}"\nzstd_level = 5\n')
+    config = parse_args(["--config", str(path), "--zstd-level", "7", "--no-progress", "--image-mode", "crop"])
+    assert (config.zstd_level, config.progress, config.image_mode) == (7, False, "crop")
+    with pytest.raises(SystemExit):
+        parse_args(["--image-mode", "sideways"])
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ray_executor_gives_byte_identical_shards(config, tmp_path):
+    build(config)
+    ray_config = config.replace(output=str(tmp_path / "ray"), executor="ray", num_cpus=2)
+    build(ray_config)
+    assert shard_bytes(ray_config.output) == shard_bytes(config.output)
