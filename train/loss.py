@@ -10,6 +10,7 @@ import logging
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,9 @@ from torch import Tensor
 
 from prep.text import loss_weights_from_segments
 from schemas.errors import SchemaError
+
+if TYPE_CHECKING:
+    from train.model import JanusOutput
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +94,7 @@ def step_denominators(batches: Iterable[Mapping[str, Tensor]], config: LossConfi
     return total
 
 
-def compute_loss(out: object, batch: Mapping[str, Tensor], config: LossConfig, step: int,
+def compute_loss(out: JanusOutput, batch: Mapping[str, Tensor], config: LossConfig, step: int,
                  norm: StepNorm | None = None) -> LossParts:
     """Loss of one micro-batch from a `JanusOutput`. Without `norm`: the micro-batch's own Σw·CE/Σw + λ·mean
     action CE (the original's per-micro-batch value; a trainer must then divide by GA). With `norm`: this

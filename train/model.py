@@ -144,8 +144,8 @@ class JanusVLN(nn.Module):
         for linear in (self.vggt_merger.mlp[0], self.vggt_merger.mlp[2], self.action_head[0], self.action_head[3]):
             nn.init.normal_(linear.weight, std=std)  # as HF initialises new Linear layers
             nn.init.zeros_(linear.bias)
-        self.vggt_merger.to(qwen.dtype)
-        self.action_head.to(qwen.dtype)
+        self.vggt_merger.to(qwen.device, qwen.dtype)
+        self.action_head.to(qwen.device, qwen.dtype)
         self.vggt = vggt
         logger.info("vision attention path: %s", qwen.model.visual.config._attn_implementation)
         self.apply_freezing()
