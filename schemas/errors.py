@@ -11,3 +11,14 @@ class SchemaError(ValueError):
         if len(shown) > 200:
             shown = shown[:200] + "…"
         super().__init__(f"{where}: field {field!r}: expected {expected}, found {shown}")
+
+    def __reduce__(self):
+        # Rebuild from the constructor arguments, so the type survives DataLoader workers and Ray tasks.
+        return (type(self)._restore, (self.__dict__, self.args))
+
+    @classmethod
+    def _restore(cls, state: dict, args: tuple) -> "SchemaError":
+        error = cls.__new__(cls)
+        error.__dict__.update(state)
+        error.args = args
+        return error
