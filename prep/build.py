@@ -2,7 +2,8 @@
 
 config → plan → execute(run_task) → rejects report → manifest (written last) → quick verify.
 With no arguments it builds the embedded sample data into ./shards. `--executor ray` runs the same
-tasks on a local Ray or on the cluster named by `--ray-address` / $RAY_ADDRESS.
+tasks on a local Ray or on the cluster named by `--ray-address` / $RAY_ADDRESS. `--vggt-model PATH` adds
+each sample's VGGT features to its shard (a second pass on GPU holders, see prep/vggt_stage.py).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import logging
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 
 from tqdm import tqdm
 
@@ -21,6 +23,7 @@ from prep.plan import plan_shards
 from prep.shard_task import ShardResult, run_task
 from schemas.config import BuildConfig
 from schemas.errors import SchemaError
+from schemas.manifest import VggtTags
 from shards_manifest import shard_io
 from shards_manifest.verify import quick_verify
 
@@ -31,16 +34,13 @@ def build(config: BuildConfig) -> dict:
     """Run a whole build; returns the summary dict. Raises BuildError past the allowed reject fraction."""
     tasks, input_rejects = plan_shards(config)
     check_output(config)
-    if config.executor == "ray":
-        from prep.ray_executor import execute_on_ray
-        results_iter = execute_on_ray(tasks, config)
-    else:
-        results_iter = (run_task(task, config) for task in tasks)
+    checkpoint_sha256 = _checkpoint_sha256(config)
+    results_iter = _execute(tasks, config, checkpoint_sha256)
     results = _collect_with_progress(results_iter, len(tasks), config.progress)
     results.sort(key=lambda r: r.index)
     rejects = [r.to_dict() for r in input_rejects] + [rej for r in results for rej in r.rejects]
     write_rejects(config, rejects)
-    manifest = manifest_from_results(config, results, rejects)
+    manifest = manifest_from_results(config, results, rejects, _vggt_tags(config, results, checkpoint_sha256))
     num_samples = manifest.totals.samples
     fraction = len(rejects) / max(1, len(rejects) + num_samples)
     if fraction > config.max_reject_fraction:
@@ -57,6 +57,38 @@ def build(config: BuildConfig) -> dict:
 
 class BuildError(RuntimeError):
     pass
+
+
+def _execute(tasks: list, config: BuildConfig, checkpoint_sha256: str) -> Iterator[ShardResult]:
+    """Shard results as tasks finish; with a VGGT checkpoint each shard then gets its features (prep.vggt_stage)."""
+    if config.executor == "ray":
+        from prep.ray_executor import execute_on_ray
+        return execute_on_ray(tasks, config, checkpoint_sha256)
+    results = (run_task(task, config) for task in tasks)
+    if checkpoint_sha256:
+        from prep.vggt_stage import FeatureStage
+        results = map(FeatureStage(config, checkpoint_sha256).process, results)
+    return results
+
+
+def _checkpoint_sha256(config: BuildConfig) -> str:
+    """The VGGT checkpoint's content hash ("" without --vggt-model): the features' identity, not its path."""
+    if not config.vggt_model:
+        return ""
+    from prep.vggt_stage import file_sha256
+    digest = file_sha256(config.vggt_model)
+    log.info("VGGT checkpoint %s: sha256 %s", config.vggt_model, digest)
+    return digest
+
+
+def _vggt_tags(config: BuildConfig, results: list[ShardResult], checkpoint_sha256: str) -> VggtTags | None:
+    if not checkpoint_sha256:
+        return None
+    missing = [r.name for r in results if r.samples and r.vggt != checkpoint_sha256]
+    if missing:
+        raise BuildError(f"shards without the VGGT features of {config.vggt_model}: {missing[:5]}")
+    from prep.vggt_stage import vggt_tags
+    return vggt_tags(config, checkpoint_sha256)
 
 
 def _collect_with_progress(results_iter, num_tasks: int, show: bool) -> list[ShardResult]:

@@ -89,6 +89,12 @@ def print_summary(config: BuildConfig, results: list[ShardResult], rejects: list
         "task_seconds": round(seconds, 2),
         "frames_per_task_second": round(sum(r.frames for r in results if not r.skipped) / max(seconds, 1e-9), 1),
     }
+    if manifest.vggt is not None:
+        computed = [r for r in results if r.samples and not r.vggt_skipped]
+        vggt_seconds = sum(r.vggt_seconds for r in computed)
+        summary.update(vggt_shards_computed=len(computed),
+                       vggt_shards_skipped_already_done=sum(r.vggt_skipped for r in results),
+                       vggt_samples_per_second=round(sum(r.samples for r in computed) / max(vggt_seconds, 1e-9), 2))
     width = max(map(len, summary))
     print("\n".join(f"{k:<{width}}  {v}" for k, v in summary.items()))
     for reason, count in manifest.rejects_by_reason.items():

@@ -2,6 +2,8 @@
 
 One task writes one shard and returns a small record, so the driver never holds data; tasks are
 retried if a worker dies (their output is idempotent); at most `max_in_flight` tasks are queued.
+With a VGGT checkpoint each finished shard goes to one of a fixed set of feature actors (one per GPU,
+`num_gpus=1`; a single CPU actor on a cluster without GPUs) while later CPU tasks keep running.
 """
 from __future__ import annotations
 
@@ -17,8 +19,8 @@ log = logging.getLogger(__name__)
 MAX_RETRIES = 3
 
 
-def execute_on_ray(tasks: list[ShardTask], config: BuildConfig) -> Iterator[ShardResult]:
-    """Yield each task's result as it finishes (completion order)."""
+def execute_on_ray(tasks: list[ShardTask], config: BuildConfig, checkpoint_sha256: str = "") -> Iterator[ShardResult]:
+    """Yield each task's result as it finishes (completion order); with `checkpoint_sha256`, after its features."""
     import ray
 
     address = config.ray_address or os.environ.get("RAY_ADDRESS") or None
@@ -27,15 +29,65 @@ def execute_on_ray(tasks: list[ShardTask], config: BuildConfig) -> Iterator[Shar
         kwargs = {"address": address} if address else {"num_cpus": config.num_cpus or None, "include_dashboard": False}
         ray.init(logging_level=logging.WARNING, log_to_driver=False, **kwargs)
     try:
-        remote_task = ray.remote(num_cpus=1, max_retries=MAX_RETRIES, retry_exceptions=False)(run_task)
-        max_in_flight = config.max_in_flight or 2 * int(ray.cluster_resources().get("CPU", 1))
-        config_ref = ray.put(config)
-        pending, queue = [], list(reversed(tasks))
-        while queue or pending:
-            while queue and len(pending) < max_in_flight:
-                pending.append(remote_task.remote(queue.pop(), config_ref))
-            done, pending = ray.wait(pending, num_returns=1)
-            yield ray.get(done[0])
+        yield from _Scheduler(ray, tasks, config, checkpoint_sha256).run()
     finally:
         if started_here:
             ray.shutdown()
+
+
+class _Scheduler:
+    """CPU shard tasks and feature-actor calls in flight together, collected by one `ray.wait` over both."""
+
+    def __init__(self, ray, tasks: list[ShardTask], config: BuildConfig, checkpoint_sha256: str):
+        self.ray, self.config, self.checkpoint_sha256 = ray, config, checkpoint_sha256
+        self.queue = list(reversed(tasks))
+        self.remote_task = ray.remote(num_cpus=1, max_retries=MAX_RETRIES, retry_exceptions=False)(run_task)
+        self.max_in_flight = config.max_in_flight or 2 * int(ray.cluster_resources().get("CPU", 1))
+        self.config_ref = ray.put(config)
+        self.pending: dict = {}  # object ref → the feature actor computing it, or None for a shard task
+        self.waiting: list[ShardResult] = []  # finished shards that still need features
+        self.actors: list = []
+        self.idle: list = []  # feature actors with no call in flight
+
+    def run(self) -> Iterator[ShardResult]:
+        while self.queue or self.pending or self.waiting:
+            self._submit()
+            done, _ = self.ray.wait(list(self.pending), num_returns=1)
+            actor = self.pending.pop(done[0])
+            result = self.ray.get(done[0])
+            if actor is not None:
+                self.idle.append(actor)
+            if actor is None and self._needs_features(result):
+                self.waiting.append(result)
+            else:
+                yield result
+
+    def _needs_features(self, result: ShardResult) -> bool:
+        if not self.checkpoint_sha256:
+            return False
+        from prep.vggt_stage import needs_features
+        return needs_features(result, self.checkpoint_sha256)
+
+    def _submit(self) -> None:
+        num_tasks = sum(actor is None for actor in self.pending.values())
+        while self.queue and num_tasks < self.max_in_flight:
+            self.pending[self.remote_task.remote(self.queue.pop(), self.config_ref)] = None
+            num_tasks += 1
+        if self.waiting and not self.actors:
+            self._start_actors()
+        while self.waiting and self.idle:
+            actor = self.idle.pop()
+            self.pending[actor.process.remote(self.waiting.pop(0))] = actor
+
+    def _start_actors(self) -> None:
+        """Started when the first shard needs features, so a re-run of a finished build loads no model."""
+        from prep.vggt_stage import FeatureStage, warn_if_slow
+
+        num_gpus = int(self.ray.cluster_resources().get("GPU", 0))
+        if not num_gpus:
+            warn_if_slow(self.config, has_gpu=False)
+        options = {"num_gpus": 1, "num_cpus": 1} if num_gpus else {"num_gpus": 0, "num_cpus": 0}
+        actor_class = self.ray.remote(max_restarts=1, max_task_retries=MAX_RETRIES, **options)(FeatureStage)
+        self.actors = [actor_class.remote(self.config, self.checkpoint_sha256) for _ in range(max(num_gpus, 1))]
+        self.idle = list(self.actors)
+        log.info("started %d VGGT feature actor(s) (%s)", len(self.actors), "1 GPU each" if num_gpus else "CPU")

@@ -47,6 +47,9 @@ class ShardResult:
     rejects: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     skipped: bool = False  # True when an earlier run had already written this shard
+    vggt: str = ""  # sha256 of the VGGT checkpoint whose features the shard holds ("" = none; prep.vggt_stage)
+    vggt_seconds: float = 0.0
+    vggt_skipped: bool = False  # True when the shard already held this checkpoint's features
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -75,10 +78,16 @@ def run_task(task: ShardTask, config: BuildConfig) -> ShardResult:
     result.samples, result.frames = len(stored), len(frames)
     result.rejects = [r.to_dict() for r in rejects]
     result.seconds = round(time.perf_counter() - start, 3)
-    fs.makedirs(f"{root}/{TASKS_DIR}", exist_ok=True)
-    with fs.open(record_path, "w") as f:  # written after the shard: its presence means "finished"
-        f.write(result.to_json())
+    write_task_record(config, result)
     return result
+
+
+def write_task_record(config: BuildConfig, result: ShardResult) -> None:
+    """Written after the shard: its presence (with the shard's sha256) means "finished"."""
+    fs, root = shard_io.url_to_fs(config.output)
+    fs.makedirs(f"{root}/{TASKS_DIR}", exist_ok=True)
+    with fs.open(f"{root}/{TASKS_DIR}/{result.name}.json", "w") as f:
+        f.write(result.to_json())
 
 
 def _finished_result(fs, root: str, record_path: str, task: ShardTask, config: BuildConfig) -> ShardResult | None:

@@ -200,6 +200,28 @@ def _convert(value: object, tp: Any, where: str, path: str) -> Any:
     return value  # scalars and dicts are type-checked by the record's __post_init__
 
 
+def check_vggt_tags(manifest: Manifest, expected: VggtTags | dict[str, str], where: str = "manifest") -> VggtTags:
+    """The manifest's VGGT tags, refused (naming every differing field) unless they equal the training config's.
+
+    `expected`: a `VggtTags`, or a dict with any of its fields plus `image_mode` (compared with the manifest's).
+    """
+    wanted = dataclasses.asdict(expected) if isinstance(expected, VggtTags) else dict(expected)
+    known = [f.name for f in dataclasses.fields(VggtTags)] + ["image_mode"]
+    unknown = sorted(set(wanted) - set(known))
+    if unknown:
+        raise SchemaError("expected VGGT tags", unknown[0], f"only the keys {known}", "an unknown key")
+    if manifest.vggt is None:
+        raise SchemaError(where, "vggt", f"precomputed VGGT features tagged {wanted}", "a build without features")
+    found = {**dataclasses.asdict(manifest.vggt), "image_mode": manifest.image_mode}
+    differing = [name for name in known if name in wanted and wanted[name] != found[name]]
+    if differing:
+        fields = ", ".join(("vggt." if name != "image_mode" else "") + name for name in differing)
+        raise SchemaError(where, fields, "VGGT features made as the training config says: "
+                          + ", ".join(f"{name}={wanted[name]!r}" for name in differing),
+                          ", ".join(f"{name}={found[name]!r}" for name in differing))
+    return manifest.vggt
+
+
 def read_manifest(url: str) -> Manifest:
     """Read and validate a manifest from a local path or fsspec URL."""
     with fsspec.open(url, "rb") as f:
