@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import random
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -19,7 +18,7 @@ from prep.frames import load_compact_frame, qwen_grid
 from prep.plan import ShardTask
 from prep.text import TextEncoder
 from schemas.config import BuildConfig
-from schemas.episode import AMBIGUOUS_SUBINSTRUCTION_MAPPING, Reject
+from schemas.episode import Reject
 from schemas.errors import SchemaError
 from schemas.sample import CompactFrame, SampleRecord
 from shards_manifest import shard_io

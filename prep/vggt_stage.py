@@ -21,7 +21,6 @@ import numpy as np
 import torch
 
 from prep.shard_task import ShardResult, write_task_record
-from schemas import stored
 from schemas.config import BuildConfig
 from schemas.errors import SchemaError
 from schemas.manifest import VggtTags
@@ -136,9 +135,6 @@ class FeatureStage:
                                   "build driver; is the checkpoint the same file on every node?)", found)
             warn_if_slow(self.config, self.device.type == "cuda")
             model_config = MODEL_CONFIGS[self.config.vggt_config]()
-            if 2 * model_config.embed_dim != stored.VGGT_FEATURE_DIM:
-                raise SchemaError(f"vggt_config {self.config.vggt_config!r}", "feature dim",
-                                  f"{stored.VGGT_FEATURE_DIM} (the shard format)", 2 * model_config.embed_dim)
             self.model = load_aggregator(self.config.vggt_model, model_config, self.device,
                                          TORCH_DTYPES[self.config.vggt_dtype])
         return self.model

@@ -29,7 +29,8 @@ MAX_JSON_BYTES = 64 << 10
 MAX_CANVAS_SIDE = 4096
 MAX_SEQUENCE_LENGTH = 1 << 17  # default reader cap on L (the tokenizer's model_max_length)
 MAX_VGGT_BYTES = 64 << 20  # (2116, 2048) float32 is 17 MB
-VGGT_FEATURE_DIM = 2048
+VGGT_FEATURE_DIM = 2048  # VGGT-1B: 2 × 1024; any even width up to MAX_VGGT_FEATURE_DIM is stored (tiny models)
+MAX_VGGT_FEATURE_DIM = 4096
 VGGT_DTYPES = {"<f2": "float16", "<u2": "bfloat16", "<f4": "float32"}  # bfloat16 is stored as its uint16 bits
 IGNORE_INDEX = -100
 NUM_SEGMENTS = 4
@@ -240,8 +241,9 @@ def decode_tokens(payload: bytes, ref: MemberRef, length: int) -> EncodedText:
 
 def decode_vggt(payload: bytes, ref: MemberRef) -> np.ndarray:
     features = _read_npy(unzstd(payload, ref, cap=MAX_VGGT_BYTES), ref, tuple(VGGT_DTYPES))
-    if features.shape[1] != VGGT_FEATURE_DIM or features.shape[0] < 1:
-        raise ref.error(f"VGGT features of shape (P, {VGGT_FEATURE_DIM})", features.shape)
+    if not _feature_width_ok(features.shape[1]) or features.shape[0] < 1:
+        raise ref.error(f"VGGT features of shape (P, C), C even ≤ {MAX_VGGT_FEATURE_DIM} ({VGGT_FEATURE_DIM} for "
+                        "VGGT-1B)", features.shape)
     return features
 
 
@@ -253,6 +255,10 @@ def encode_frame(frame: CompactFrame, compressor: zstandard.ZstdCompressor) -> l
     header = dict(zip(GEOMETRY_FIELDS, (int(v) for v in frame.geometry)))
     pixels = delta_filter(frame.pixels).tobytes()
     return [(f"{frame.key}.frame.json", _json_bytes(header)), (f"{frame.key}.rgb.zst", compressor.compress(pixels))]
+
+
+def _feature_width_ok(width: int) -> bool:
+    return 0 < width <= MAX_VGGT_FEATURE_DIM and width % 2 == 0
 
 
 def delta_filter(pixels: np.ndarray) -> np.ndarray:
@@ -290,8 +296,8 @@ def encode_sample(sample: StoredSample, compressor: zstandard.ZstdCompressor) ->
     if sample.vggt_features is not None:
         features = np.asarray(sample.vggt_features)
         features = features.astype(features.dtype.newbyteorder("<"), copy=False)
-        if features.dtype.str not in VGGT_DTYPES or features.ndim != 2 or features.shape[1] != VGGT_FEATURE_DIM:
-            raise SchemaError(where, "vggt_features", f"(P, {VGGT_FEATURE_DIM}) of {list(VGGT_DTYPES.values())}",
+        if features.dtype.str not in VGGT_DTYPES or features.ndim != 2 or not _feature_width_ok(features.shape[1]):
+            raise SchemaError(where, "vggt_features", f"(P, C) with C even ≤ {MAX_VGGT_FEATURE_DIM} of {list(VGGT_DTYPES.values())}",
                               f"{features.dtype} {features.shape}")
         members.append((f"{sample.key}.vggt.npy.zst", compressor.compress(_npy_bytes(features))))
     return members

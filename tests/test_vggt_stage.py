@@ -29,19 +29,6 @@ from train.vggt import VGGTAggregator, load_aggregator, sample_features, tiny_co
 TINY_FEATURE_DIM = 2 * tiny_config().embed_dim  # 128; VGGT-1B's is 2048
 
 
-def widen_feature_dim() -> None:
-    # Stopgap: schemas/stored.py accepts only (P, 2048) features; the tiny aggregator gives (P, 128).
-    # Remove once the shard format accepts (P, 2·embed_dim) (see the stage's report to the lead).
-    stored.VGGT_FEATURE_DIM = TINY_FEATURE_DIM
-
-
-@pytest.fixture(scope="module", autouse=True)
-def tiny_features_storable():
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(stored, "VGGT_FEATURE_DIM", TINY_FEATURE_DIM)
-        yield
-
-
 def make_checkpoint(path: Path, seed: int) -> Path:
     torch.manual_seed(seed)
     model = VGGTAggregator(tiny_config())
@@ -209,8 +196,7 @@ def test_ray_feature_actors_give_byte_identical_shards(built, tmp_path):
 
     config, _ = built
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this test module
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING,
-             runtime_env={"worker_process_setup_hook": widen_feature_dim})
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
     try:
         ray_config = config.replace(output=str(tmp_path / "ray"), executor="ray")
         summary = build(ray_config)
