@@ -150,7 +150,7 @@ def vggt_problem(sample: StoredSample, geometries: list[Geometry], tags: VggtTag
     _, gh, gw = qwen_grid(canvas_h, canvas_w)
     patches = {gh * gw, (canvas_h // 14) * (canvas_w // 14)}
     if dtype != tags.dtype or features.shape[0] not in patches:
-        return f"VGGT features ({sorted(patches)}, 2048) {tags.dtype}", f"{features.shape} {dtype}"
+        return f"VGGT features (P, C) {tags.dtype} with P in {sorted(patches)}", f"{features.shape} {dtype}"
     return None
 
 

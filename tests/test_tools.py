@@ -2,6 +2,7 @@
 and the README's frame facts; `diff` between builds."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -9,13 +10,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from prep.build import build
 from schemas.config import BuildConfig
-from schemas.manifest import read_manifest
+from schemas.manifest import read_manifest, write_manifest
+from schemas.stored import StoredSample
 from shards_manifest.__main__ import main
 from shards_manifest.dump import find_samples, training_tensors
 from shards_manifest.inspect import build_summary, diff_builds
+from shards_manifest.shard_io import iter_shard
+from shards_manifest.verify import verify_build
+from train.vggt import VGGTAggregator, tiny_config
 
 GOLDEN_WEIGHTS = (0.5, 1.0, 2.0, 3.0)  # the weights the golden loss_weights were made with (fixtures README)
 
@@ -157,3 +164,30 @@ def test_diff(good_build, tmp_path, episodes_dir, tokenizer_dir, capsys):
     assert capsys.readouterr().out.splitlines()[-1] == f"{len(differences)} differences"
     (same / "manifest.json").write_text("[")
     assert main(["diff", str(good_build), str(same)]) == 2
+
+
+def test_features_are_verified_against_the_tags_and_dumped(tmp_path, episodes_dir, tokenizer_dir):
+    """A build of ep_c with bfloat16 features of a tiny aggregator (~3 s): deep verify passes, the dump carries the
+    stored features widened exactly to float32, and features that disagree with the manifest's tags are reported."""
+    (tmp_path / "episodes").mkdir()
+    (tmp_path / "episodes" / "ep_c").symlink_to(episodes_dir / "ep_c", target_is_directory=True)
+    torch.manual_seed(1)
+    save_file({k: v.contiguous() for k, v in VGGTAggregator(tiny_config()).state_dict().items()},
+              str(tmp_path / "tiny.safetensors"))
+    out = tmp_path / "out"
+    build(make_config(tmp_path / "episodes", tokenizer_dir, out, vggt_model=str(tmp_path / "tiny.safetensors"),
+                      vggt_config="tiny", vggt_dtype="bfloat16"))
+    assert verify_build(str(out), deep=True, workers=1).problems == []
+    manifest = read_manifest(str(out / "manifest.json"))
+    stored, = [r for r in iter_shard(str(out / manifest.shards[0].name)) if isinstance(r, StoredSample)]
+    assert stored.vggt_features.dtype == np.uint16  # bfloat16 bits
+    dumped = training_tensors(find_samples(str(out), manifest, [stored.sample_id])[stored.sample_id][1])
+    widened = (stored.vggt_features.astype(np.uint32) << 16).view(np.float32)  # bfloat16 → float32 by its bits
+    np.testing.assert_array_equal(dumped["vggt_features"], widened)
+    assert str(dumped["vggt_features_dtype"]) == "bfloat16" and dumped["vggt_features"].shape == (46 * 46, 128)
+    member = f"shard {out}/{manifest.shards[0].name}: member {stored.key}.vggt.npy.zst: expected "
+    for tags, problem in ((dataclasses.replace(manifest.vggt, dtype="float16"),
+                           "VGGT features (P, C) float16 with P in [2116], found (2116, 128) bfloat16"),
+                          (None, "no VGGT features (manifest vggt is null), found a vggt member")):
+        write_manifest(str(out / "manifest.json"), dataclasses.replace(manifest, vggt=tags))
+        assert verify_build(str(out), deep=True, workers=1).problems == [member + problem]
