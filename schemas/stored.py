@@ -86,7 +86,7 @@ class PackedFrame:
     def unpack(self) -> CompactFrame:
         h, w, canvas_h, canvas_w, top, left = self.geometry
         raw = unzstd(self.payload, self.ref, exact=h * w * 3)
-        pixels = delta_unfilter(np.frombuffer(raw, dtype=np.uint8).reshape(h, w, 3))
+        pixels = delta_unfilter(np.frombuffer(bytearray(raw), dtype=np.uint8).reshape(h, w, 3))  # writable for torch
         pixels.flags.writeable = False  # frames are shared by several samples
         return CompactFrame(self.key, pixels, canvas_h, canvas_w, top, left)
 

@@ -212,8 +212,6 @@ def test_loader_refuses_unreadable_manifest(path, edit, field):
     assert str(info.value).startswith(f"{path}/manifest.json: field {field!r}: expected ")
 
 
-@pytest.mark.xfail(strict=True, reason="ShardStream does not check <|image_pad|> runs against frame grids; "
-                   "verify --deep does (the model would fail later, inside Qwen, without naming the shard)")
 def test_loader_on_image_tokens_disagreeing_with_frames(path):
     contents = read_shard(str(path / SHARD1))
     sample = contents.samples[0]

@@ -34,12 +34,13 @@ TOKENIZER_HASH = "ab" * 32
 
 def _frame(rng: np.random.Generator, key: str) -> CompactFrame:
     h, w = int(rng.integers(3, 9)), int(rng.integers(3, 9))
-    return CompactFrame(key, rng.integers(0, 256, (h, w, 3), dtype=np.uint8), 14, 14, 14 - h, 0)
+    return CompactFrame(key, rng.integers(0, 256, (h, w, 3), dtype=np.uint8), 28, 28, 28 - h, 0)  # 1 image token
 
 
 def _sample(rng: np.random.Generator, key: str, frame_keys: tuple[str, ...], with_vggt: bool) -> StoredSample:
-    length = int(rng.integers(4, 12))
-    ids = rng.integers(0, 1000, length)
+    images = [[151652, 151655, 151653] for _ in frame_keys]  # vision_start, image_pad, vision_end per image
+    ids = np.concatenate([rng.integers(0, 1000, 2)] + images + [rng.integers(0, 1000, int(rng.integers(2, 9)))])
+    length = len(ids)
     labels = np.where(np.arange(length) >= length - 2, ids, -100)
     segments = np.where(labels != -100, 4, 0)
     positions = np.tile(np.arange(length), (3, 1))

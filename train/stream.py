@@ -24,6 +24,7 @@ from schemas.errors import SchemaError
 from schemas.manifest import read_manifest
 from schemas.sample import CompactFrame
 from schemas.stored import MAX_SEQUENCE_LENGTH, PackedFrame, ShardError, StoredSample
+from shards_manifest.deep_verify import image_token_problem
 from shards_manifest.shard_io import iter_shard_stream
 from train.collate import STREAM_KEY
 from train.shard_policy import (MIX_POLICIES, Piece, StreamState, assign_pieces, check_manifest_compat, mix_rng,
@@ -131,9 +132,13 @@ class FrameTable:
         return frame
 
 
-def decode_sample(sample: StoredSample, frames: FrameTable) -> dict:
-    """The per-sample dict of docs/design.md; repeated frame keys share one CompactFrame."""
+def decode_sample(sample: StoredSample, frames: FrameTable, url: str) -> dict:
+    """The per-sample dict of docs/design.md; repeated frame keys share one CompactFrame. Image-pad runs
+    must match the frames' Qwen grids (else the model would fail later, inside Qwen, naming no shard)."""
     decoded = {key: frames.get(key) for key in dict.fromkeys(sample.frame_keys)}
+    problem = image_token_problem(sample, [decoded[key].geometry for key in sample.frame_keys])
+    if problem is not None:
+        raise ShardError(url, f"{sample.key}.tokens.npy.zst", *problem)
     out = {"__key__": sample.key, "sample_id": sample.sample_id, "input_ids": sample.tokens.input_ids,
            "labels": sample.tokens.labels, "segment_ids": sample.tokens.segment_ids,
            "position_ids": sample.tokens.position_ids, "action_label": np.int64(sample.action_label),
@@ -154,7 +159,7 @@ def read_piece(url: str, piece: Piece, count: int, config: StreamConfig) -> Iter
                     frames.packed[record.key] = record
                     continue
                 if index >= piece.start:
-                    yield decode_sample(record, frames)
+                    yield decode_sample(record, frames, url)
                 index += 1
                 if index == piece.stop:
                     break
