@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import itertools
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -188,12 +189,14 @@ def run_torch(args: argparse.Namespace, model: JanusVLN, device: torch.device) -
 
 
 def run_deepspeed(args: argparse.Namespace, model: JanusVLN) -> list[dict]:
-    """Through train.launch (JanusTrainer + the given DeepSpeed JSON), shards only; step records from its log."""
+    """Through train.launch (JanusTrainer + the given DeepSpeed JSON), shards only; step-level numbers from its
+    step records (time, data wait; samples/s per GPU), no per-part breakdown."""
     from train.callbacks import StepLogCallback
     from train.launch import run
     output = tempfile.mkdtemp(prefix="bench_train_step_")
     config = {"data": {"manifest": args.manifest},
-              "training": {"output_dir": output, "per_device_train_batch_size": args.batch, "bf16": True,
+              "training": {"output_dir": output, "per_device_train_batch_size": args.batch,
+                           "bf16": torch.cuda.is_available(),
                            "max_steps": args.warmup + args.steps, "save_strategy": "no", "report_to": "none",
                            "logging_steps": 10**6, "disable_tqdm": True, "dataloader_num_workers": args.workers,
                            "activation_checkpointing": args.grad_ckpt, "learning_rate": 1e-5},
@@ -244,7 +247,10 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=644, help="synthetic: canvas side in px")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON line")
     args = parser.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device("cpu")
+    if torch.cuda.is_available():  # one process per GPU under torchrun
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = build_model(args.shape, args.vggt, device, dtype)
     if args.vision_attn != "sdpa":
@@ -255,6 +261,8 @@ def main() -> None:
     model.train()
     steps = run_torch(args, model, device) if args.engine == "torch" else run_deepspeed(args, model)
     result = summarize_steps(args, steps)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
     if args.json:
         print(json.dumps(result))
         return
