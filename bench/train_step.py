@@ -199,7 +199,7 @@ def run_deepspeed(args: argparse.Namespace, model: JanusVLN) -> list[dict]:
                            "bf16": torch.cuda.is_available(),
                            "max_steps": args.warmup + args.steps, "save_strategy": "no", "report_to": "none",
                            "logging_steps": 10**6, "disable_tqdm": True, "dataloader_num_workers": args.workers,
-                           "activation_checkpointing": args.grad_ckpt, "learning_rate": 1e-5},
+                           "gradient_checkpointing": args.grad_ckpt, "learning_rate": 1e-5},
               "deepspeed": args.deepspeed}
     trainer = run(config, model=model)
     callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, StepLogCallback))
