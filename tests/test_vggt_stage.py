@@ -206,3 +206,15 @@ def test_ray_feature_actors_give_byte_identical_shards(built, tmp_path):
     assert summary["vggt_shards_computed"] == 2
     assert shard_files(ray_config.output) == shard_files(config.output)
     shutil.rmtree(ray_config.output)
+
+
+def test_launch_refuses_features_of_another_reference_frame_or_checkpoint(built, tmp_path):
+    from train.launch import check_precomputed_features
+    config, _ = built
+    manifest_url = f"{config.output}/manifest.json"
+    check_precomputed_features(manifest_url, {"reference_frame": "last", "vggt_checkpoint": config.vggt_model})
+    with pytest.raises(SchemaError, match="vggt.reference_frame"):
+        check_precomputed_features(manifest_url, {"reference_frame": "first"})
+    other = make_checkpoint(tmp_path / "other.safetensors", seed=99)
+    with pytest.raises(SchemaError, match="vggt.checkpoint_sha256"):
+        check_precomputed_features(manifest_url, {"vggt_checkpoint": str(other)})

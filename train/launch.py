@@ -24,6 +24,7 @@ from torch import nn
 from transformers import TrainingArguments, set_seed
 
 from schemas.errors import SchemaError
+from schemas.manifest import check_vggt_tags, read_manifest
 from train.callbacks import LoaderStateCallback, StepLogCallback
 from train.collate import Collator
 from train.loss import LossConfig
@@ -109,6 +110,22 @@ def build_model(section: dict[str, Any]) -> JanusVLN:
     return model
 
 
+def check_precomputed_features(manifest_url: str, model: dict[str, Any]) -> None:
+    """Refuse precomputed VGGT features made with another reference frame or checkpoint than the model section
+    names (SPEC §4); a build without features needs no check (the model runs VGGT itself)."""
+    manifest = read_manifest(manifest_url)
+    if manifest.vggt is None:
+        return
+    expected = {"reference_frame": model.get("reference_frame", JanusConfig.__dataclass_fields__["reference_frame"].default)}
+    if model.get("vggt_checkpoint"):
+        from prep.vggt_stage import file_sha256
+        expected["checkpoint_sha256"] = file_sha256(model["vggt_checkpoint"])
+    else:
+        logger.warning("%s holds VGGT features of checkpoint %s…; model.vggt_checkpoint is not set, so their "
+                       "checkpoint is not checked", manifest_url, manifest.vggt.checkpoint_sha256[:12])
+    check_vggt_tags(manifest, expected, where=manifest_url)
+
+
 def build_dataset(section: dict[str, Any], training: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     """(dataset, derived values). The shard stream splits by rank (from $RANK/$WORLD_SIZE, set by torchrun and
     deepspeed) and worker itself; every worker yields a multiple of batch × grad_accum samples, so every rank
@@ -170,7 +187,10 @@ def run(config: dict[str, Any], model: nn.Module | None = None) -> JanusTrainer:
     training = dict(config.get("training") or {})
     set_seed(int(training.get("seed", TRAINING_DEFAULTS["seed"])))
     model = model if model is not None else build_model(dict(config.get("model") or {}))
-    dataset, info = build_dataset(dict(config.get("data") or {}), training)
+    data = dict(config.get("data") or {})
+    if data.get("manifest"):
+        check_precomputed_features(data["manifest"], dict(config.get("model") or {}))
+    dataset, info = build_dataset(data, training)
     args = training_arguments(training, config.get("deepspeed"), info)
     if args.n_gpu > 1:
         raise SchemaError("launch", "processes", "one process per GPU (torchrun or deepspeed)", f"{args.n_gpu} GPUs "
