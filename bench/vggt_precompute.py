@@ -166,7 +166,7 @@ def main() -> None:
     print(f"shape {args.shape}, {args.frames} frames of {args.size}², {args.dtype}; counted {flops:.3e} FLOP/sample")
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     frames = torch.rand(max(sizes), args.frames, 3, args.size, args.size, device=device).to(dtype)
-    rows = [measure(model, frames[:1], "streaming", "kv-cache", args, device)]
+    rows = [measure(model, frames[:b], "streaming", "kv-cache", args, device) for b in [1] + sizes]
     for backend in args.backends.split(","):
         rows += [measure(model, frames[:b], "batched", backend, args, device) for b in sizes]
     report(rows, flops, args.peak_tflops * 1e12, args.shape == "vggt1b" and args.size == 644 and args.frames == 9)
