@@ -132,8 +132,11 @@ def _with_sample_defaults(config: BuildConfig) -> BuildConfig:
     changes = {}
     if not config.input:
         changes["input"] = str(ensure_sample_episodes())
+        log.info("no --input: building the embedded sample episodes (%s)", changes["input"])
     if not config.model_path:
         changes["model_path"] = str(ensure_tokenizer())
+        log.info("no --model-path: using the bundled Qwen2.5 tokenizer; real runs pass --model-path "
+                 "<local Qwen2.5-VL-7B-Instruct folder> (its tokenizer and preprocessor_config.json)")
     return config.replace(**changes) if changes else config
 
 

@@ -42,7 +42,7 @@ def read_episode(path: str | Path) -> tuple[EpisodeRecord | None, list[Reject]]:
         if not isinstance(milestones, dict):
             raise ValueError(f"expected a JSON object, found {type(milestones).__name__}")
         instruction, subs, checkpoints = _read_milestones(milestones)
-    except (ValueError, TypeError) as e:
+    except (OSError, ValueError, TypeError) as e:  # unreadable, not JSON, or wrong field types
         return None, [Reject(name, "invalid_milestones", f"{milestones_path}: {e}")]
     steps, rejects = _read_step_files(path)
     if not steps:
@@ -110,7 +110,7 @@ def _read_step_json(step: StepRecord, source: str) -> tuple[tuple[str, str], Rej
         return ("", ""), Reject(source, "missing_step_json", f"{json_path} does not exist")
     try:
         data = json.loads(json_path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
+    except (OSError, ValueError) as e:  # unreadable (permissions), not UTF-8, or not JSON
         return ("", ""), Reject(source, "invalid_step_json", f"{json_path}: {e}")
     if not isinstance(data, dict):
         return ("", ""), Reject(source, "invalid_step_json", f"{json_path}: expected an object, found {type(data).__name__}")

@@ -33,7 +33,7 @@ from train.vggt import VGGTAggregator, load_aggregator, sample_features, tiny_co
 log = logging.getLogger(__name__)
 
 FLOP_PER_SAMPLE = 5.6e13  # VGGT-1B, 9 frames of 644², blocks up to 23 (issue 7)
-H200_SAMPLES_PER_S = 7.0  # the build stage's target on one H200 (bench/vggt_precompute.py measures it)
+H200_SAMPLES_PER_S = 7.0  # the build stage's target on one H200 (bench/vggt_features.py measures it)
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MODEL_CONFIGS = {"vggt1b": vggt1b, "tiny": tiny_config}
 AHEAD_SAMPLES = 32  # features computed ahead of the writer: ≤ 32 × 8.7 MB (bfloat16) of host memory

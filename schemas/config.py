@@ -86,16 +86,7 @@ class BuildConfig:
 
     @classmethod
     def from_file(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> "BuildConfig":
-        path = Path(path)
-        text = path.read_text(encoding="utf-8")
-        if path.suffix == ".toml":
-            import tomllib
-            values = tomllib.loads(text)
-        else:
-            import yaml
-            values = yaml.safe_load(text) or {}
-        if not isinstance(values, dict):
-            raise SchemaError(str(path), "(top level)", "a mapping of build options", values)
+        values = read_config_file(path, "a mapping of build options")
         return cls.from_mapping({**values, **(overrides or {})}, where=str(path))
 
     def to_dict(self) -> dict[str, Any]:
@@ -110,3 +101,18 @@ class BuildConfig:
 
     def replace(self, **changes: Any) -> "BuildConfig":
         return dataclasses.replace(self, **changes)
+
+
+def read_config_file(path: str | Path, expected: str) -> dict[str, Any]:
+    """A TOML (`.toml`) or YAML (anything else) file whose top level must be a mapping."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".toml":
+        import tomllib
+        values = tomllib.loads(text)
+    else:
+        import yaml
+        values = yaml.safe_load(text) or {}
+    if not isinstance(values, dict):
+        raise SchemaError(str(path), "(top level)", expected, type(values).__name__)
+    return values

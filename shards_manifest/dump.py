@@ -19,6 +19,7 @@ from schemas.stored import MAX_SEQUENCE_LENGTH, PackedFrame, StoredSample
 from shards_manifest.shard_io import iter_shard
 from train.collate import Collator
 from train.pixels import PixelDecoder
+from train.stream import sample_to_dict
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +40,7 @@ def parse_weights(text: str) -> tuple[float, float, float, float]:
 
 def sample_dict(sample: StoredSample, frames: dict[str, PackedFrame]) -> dict:
     """The per-sample dict of docs/design.md (what `ShardStream` yields); repeated frames share one object."""
-    decoded = {key: frames[key].unpack() for key in dict.fromkeys(sample.frame_keys)}
-    out = {"__key__": sample.key, "sample_id": sample.sample_id, "input_ids": sample.tokens.input_ids,
-           "labels": sample.tokens.labels, "segment_ids": sample.tokens.segment_ids,
-           "position_ids": sample.tokens.position_ids, "action_label": np.int64(sample.action_label),
-           "frames": [decoded[key] for key in sample.frame_keys]}
-    if sample.vggt_features is not None:
-        out["vggt_features"] = sample.vggt_features
-    return out
+    return sample_to_dict(sample, {key: frames[key].unpack() for key in dict.fromkeys(sample.frame_keys)})
 
 
 def find_samples(root_url: str, manifest: Manifest, wanted: Iterable[str], shards: Sequence[str] = (),

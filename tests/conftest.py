@@ -17,7 +17,8 @@ def _shared_dir() -> Path:
 def shared_dir() -> Path:
     path = _shared_dir()
     if not (path / "fixtures" / "original").is_dir():
-        pytest.fail(f"golden fixtures not found: expected {path}/fixtures/original (set VLN_SHARED)")
+        pytest.skip(f"golden fixtures not found at {path}/fixtures/original (the ../shared folder beside the repo; "
+                    "set VLN_SHARED to point elsewhere)")
     return path
 
 
@@ -41,3 +42,15 @@ def tokenizer(tokenizer_dir: Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(tokenizer_dir), use_fast=True)
+
+
+@pytest.fixture(scope="session")
+def good_build(tmp_path_factory, episodes_dir, tokenizer_dir) -> Path:
+    """A build of the golden episodes (2 episodes per shard: ep_a + ep_b, ep_c); copy it before corrupting it."""
+    from prep.build import build
+    from schemas.config import BuildConfig
+
+    out = tmp_path_factory.mktemp("good-build") / "good"
+    build(BuildConfig(input=str(episodes_dir), model_path=str(tokenizer_dir), output=str(out), episodes_per_shard=2,
+                      max_reject_fraction=0.5, progress=False))
+    return out

@@ -14,10 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zstandard
+from crafting import tar_of
 
-from prep.build import build
 from prep.text import IMAGE_PAD_ID
-from schemas.config import BuildConfig
 from schemas.errors import SchemaError
 from schemas.manifest import read_manifest, write_manifest
 from schemas.sample import EncodedText
@@ -31,28 +30,12 @@ COMPRESSOR = zstandard.ZstdCompressor(level=3, write_checksum=True, write_conten
 FRAME_JSON = b'{"canvas_h":28,"canvas_w":28,"h":4,"left":0,"top":0,"w":4}'
 
 
-@pytest.fixture(scope="module")
-def good_build(tmp_path_factory, episodes_dir, tokenizer_dir) -> Path:
-    out = tmp_path_factory.mktemp("integrity") / "good"
-    build(BuildConfig(input=str(episodes_dir), model_path=str(tokenizer_dir), output=str(out), episodes_per_shard=2,
-                      max_reject_fraction=0.5, progress=False))
-    return out
-
-
 @pytest.fixture
 def path(good_build, tmp_path) -> Path:
     shutil.copytree(good_build, tmp_path / "build")
     return tmp_path / "build"
 
 
-def tar_of(members: list[tuple[str, bytes]]) -> bytes:
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return out.getvalue()
 
 
 def bomb(declared: int | None = None) -> bytes:

@@ -11,14 +11,27 @@ import numpy as np
 import pytest
 import webdataset
 import zstandard
+from crafting import tar_of
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from schemas.errors import SchemaError
 from schemas.sample import CompactFrame, EncodedText
-from schemas.stored import PackedFrame, ShardError, StoredSample, encode_frame, encode_sample
-from shards_manifest.shard_io import (iter_shard, iter_shard_stream, read_shard, sha256_of, write_shard,
-                                      write_shard_stream)
+from schemas.stored import (
+    PackedFrame,
+    ShardError,
+    StoredSample,
+    encode_frame,
+    encode_sample,
+)
+from shards_manifest.shard_io import (
+    iter_shard,
+    iter_shard_stream,
+    read_shard,
+    sha256_of,
+    write_shard,
+    write_shard_stream,
+)
 
 URL = "mem://test-shard.tar"
 COMPRESSOR = zstandard.ZstdCompressor(level=3, write_checksum=True, write_content_size=True)
@@ -59,15 +72,6 @@ def read_bytes(data: bytes, **kwargs) -> list:
     return list(iter_shard_stream(io.BytesIO(data), URL, **kwargs))
 
 
-def tar_of(members: list[tuple[str, bytes]]) -> bytes:
-    """An ordinary tar (python tarfile) of the given members, for crafting bad shards."""
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return out.getvalue()
 
 
 def members_of(frames, samples) -> list[tuple[str, bytes]]:

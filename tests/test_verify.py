@@ -14,9 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from prep.build import build
 from prep.text import IMAGE_PAD_ID
-from schemas.config import BuildConfig
 from schemas.manifest import read_manifest, write_manifest
 from schemas.sample import CompactFrame, EncodedText
 from schemas.stored import StoredSample
@@ -27,14 +25,6 @@ from shards_manifest.verify import quick_verify, verify_build
 
 REPO = Path(__file__).resolve().parents[1]
 SHARD0, SHARD1 = "shard-000000.tar", "shard-000001.tar"  # ep_a + ep_b (14 samples), ep_c (1 sample)
-
-
-@pytest.fixture(scope="module")
-def good_build(tmp_path_factory, episodes_dir, tokenizer_dir) -> Path:
-    out = tmp_path_factory.mktemp("verify") / "good"
-    build(BuildConfig(input=str(episodes_dir), model_path=str(tokenizer_dir), output=str(out), episodes_per_shard=2,
-                      max_reject_fraction=0.5, progress=False))
-    return out
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ import yaml
 from torch import nn
 from transformers import TrainingArguments, set_seed
 
+from schemas.config import read_config_file
 from schemas.errors import SchemaError
 from schemas.manifest import check_vggt_tags, read_manifest
 from train.callbacks import LoaderStateCallback, StepLogCallback
@@ -44,15 +45,7 @@ _EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
     """The config file as a dict, with `section.key=value` overrides (values parsed as YAML scalars/lists)."""
-    path = Path(path)
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".toml":
-        import tomllib
-        config = tomllib.loads(text)
-    else:
-        config = yaml.safe_load(text) or {}
-    if not isinstance(config, dict):
-        raise SchemaError(str(path), "(top level)", f"a mapping with sections {SECTIONS}", type(config).__name__)
+    config = read_config_file(path, f"a mapping with sections {SECTIONS}")
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:

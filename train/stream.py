@@ -139,6 +139,11 @@ def decode_sample(sample: StoredSample, frames: FrameTable, url: str) -> dict:
     problem = image_token_problem(sample, [decoded[key].geometry for key in sample.frame_keys])
     if problem is not None:
         raise ShardError(url, f"{sample.key}.tokens.npy.zst", *problem)
+    return sample_to_dict(sample, decoded)
+
+
+def sample_to_dict(sample: StoredSample, decoded: dict[str, CompactFrame]) -> dict:
+    """A stored sample with its decoded frames as the per-sample dict of docs/design.md."""
     out = {"__key__": sample.key, "sample_id": sample.sample_id, "input_ids": sample.tokens.input_ids,
            "labels": sample.tokens.labels, "segment_ids": sample.tokens.segment_ids,
            "position_ids": sample.tokens.position_ids, "action_label": np.int64(sample.action_label),

@@ -1,7 +1,7 @@
 """Build throughput and storage: unique frames/s per CPU core end to end, bytes per sample, ratio to
 the source PNG bytes, and where a task's time goes. Prints a markdown table.
 
-    python bench/build.py [--episodes 16] [--executor local|ray]
+    python bench/build_throughput.py [--episodes 16] [--executor local|ray]
 """
 from __future__ import annotations
 
@@ -44,6 +44,16 @@ def stage_breakdown(episodes: Path, model_path: str, num_samples: int = 40) -> d
             "delta + zstd-1 (ms/frame)": compress_ms}
 
 
+def decode_counts(episodes: Path, unique_frames: int, epochs: int = 3) -> list[tuple[str, str]]:
+    """Image decodes for `epochs` epochs: the original (9 per sample), our online path (distinct images per
+    sample), the build (each unique frame once)."""
+    samples, _, _ = read_samples(episodes, 8)
+    original = epochs * sum(len(s.frame_paths) for s in samples)
+    online = epochs * sum(len(set(s.frame_paths)) for s in samples)
+    return [(f"image decodes, {epochs} epochs: original / online path / build",
+             f"{original} / {online} / {unique_frames} ({original / unique_frames:.0f}× / {online / unique_frames:.0f}× saved)")]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--episodes", type=int, default=16)
@@ -71,6 +81,7 @@ def main() -> None:
             ("per-sample storage would be (× unique-frame storage)",
              f"{manifest.totals.samples * 9 / manifest.totals.frames:.1f}"),
         ]
+        rows += decode_counts(episodes, manifest.totals.frames)
         rows += [(k, f"{v:.2f}") for k, v in stage_breakdown(episodes, model_path).items()]
         print("| metric | value |\n|---|---|")
         print("\n".join(f"| {k} | {v} |" for k, v in rows))

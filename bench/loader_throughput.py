@@ -1,16 +1,19 @@
 """Loader throughput per CPU core: shards (ShardStream + Collator) vs the online path (OnlineDataset +
-Collator) in the same run, on 640×480 episodes with 9 images per sample; payload bytes per sample and
-peak RSS. In-process (`num_workers=0`) so one core does all the work. Prints a markdown table.
+Collator) in the same run, on 640×480 episodes with 9 images per sample; payload bytes per sample, RSS of a
+loader worker, and mixing (most samples of one episode in any 64-sample window, vs a global shuffle). Timed
+in-process (`num_workers=0`) so one core does all the work. Prints a markdown table.
 
-    python bench/loader.py [--episodes 16] [--batch 4]
+    python bench/loader_throughput.py [--episodes 16] [--batch 4]
 """
 from __future__ import annotations
 
 import argparse
+import random
 import resource
 import shutil
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -27,16 +30,36 @@ def payload_bytes(batch: dict) -> int:
     return sum(v.numel() * v.element_size() for v in batch.values() if isinstance(v, torch.Tensor))
 
 
-def time_loader(loader, max_samples: int) -> tuple[float, int, int]:
-    """(seconds, samples, payload bytes) for iterating up to max_samples samples."""
+def time_loader(loader, max_samples: int, order: list[str] | None = None) -> tuple[float, int, int]:
+    """(seconds, samples, payload bytes) for iterating up to max_samples samples; sample ids appended to `order`."""
     samples = payload = 0
     start = time.perf_counter()
     for batch in loader:
         samples += batch["input_ids"].shape[0]
         payload += payload_bytes(batch)
+        if order is not None:
+            order += batch["sample_id"]
         if samples >= max_samples:
             break
     return time.perf_counter() - start, samples, payload
+
+
+def worst_window(sample_ids: list[str], window: int = 64) -> int:
+    """Most samples of one episode inside any `window` consecutive samples (lower = better mixed)."""
+    episodes = [s.split("/", 1)[0] for s in sample_ids]
+    return max(Counter(episodes[i:i + window]).most_common(1)[0][1] for i in range(max(1, len(episodes) - window + 1)))
+
+
+def worker_rss_mb(stream, collate, batch: int) -> float:
+    """Peak-ish RSS of one persistent loader worker after a full epoch."""
+    import psutil
+    loader = torch.utils.data.DataLoader(stream, batch_size=batch, collate_fn=collate, num_workers=1,
+                                         persistent_workers=True)
+    for _ in loader:
+        pass
+    rss = max(child.memory_info().rss for child in psutil.Process().children(recursive=True))
+    del loader
+    return rss / 1e6
 
 
 def main() -> None:
@@ -56,7 +79,9 @@ def main() -> None:
         collate = Collator()
         stream = ShardStream(f"{config.output}/manifest.json", StreamConfig(seed=0), rank=0, world_size=1)
         shard_loader = torch.utils.data.DataLoader(stream, batch_size=args.batch, collate_fn=collate, num_workers=0)
-        shard_s, shard_n, shard_bytes = time_loader(shard_loader, len(stream))
+        order: list[str] = []
+        shard_s, shard_n, shard_bytes = time_loader(shard_loader, len(stream), order)
+        shuffled = random.Random(0).sample(order, len(order))
         online = OnlineDataset(episodes, model_path)
         online_loader = torch.utils.data.DataLoader(online, batch_size=args.batch, collate_fn=collate, shuffle=True,
                                                     generator=torch.Generator().manual_seed(0), num_workers=0)
@@ -68,7 +93,11 @@ def main() -> None:
                 ("shards ÷ online (same run)", f"{shard_rate / online_rate:.1f}×"),
                 ("payload per sample, collated (MB)", f"{shard_bytes / shard_n / 1e6:.2f}"),
                 ("original payload per sample (MB, facts §3)", "≈134"),
-                ("peak RSS of this process (MB)", f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3:.0f}")]
+                ("peak RSS of this process (MB)", f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3:.0f}"),
+                ("RSS of one loader worker after an epoch (MB)", f"{worker_rss_mb(stream, collate, args.batch):.0f}"),
+                ("most samples of one episode in a 64-sample window: stream", worst_window(order)),
+                ("the same for a global random shuffle", worst_window(shuffled)),
+                ("episodes / samples per episode", f"{args.episodes} / {len(order) / args.episodes:.1f}")]
         print("| metric | value |\n|---|---|")
         print("\n".join(f"| {k} | {v} |" for k, v in rows))
     finally:

@@ -3,8 +3,8 @@
 shard rewrite), with random weights of the chosen shape. Prints a markdown table: ms and samples/s per GPU,
 TFLOP/s against a counted FLOP figure, % of the bf16 peak, peak memory, stored bytes per sample.
 
-    python bench/vggt_precompute.py                                   # VGGT-1B, 9 × 644², on the GPU
-    python bench/vggt_precompute.py --shape tiny --size 224 --device cpu --dtype float32 --batch-sizes 2 \\
+    python bench/vggt_features.py                                   # VGGT-1B, 9 × 644², on the GPU
+    python bench/vggt_features.py --shape tiny --size 224 --device cpu --dtype float32 --batch-sizes 2 \\
         --backends sdpa --iters 1 --warmup 0                           # CPU smoke test
 """
 from __future__ import annotations
