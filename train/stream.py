@@ -4,6 +4,7 @@ Chain (one plain function per step): assign_pieces → read_piece (one shard; ea
 first use) → decode_sample → interleave (2–4 shards open). Equal-batches policy and mixing live in `train.shard_policy`. Every
 sample carries `__stream__` = (epoch, slot, num_slots, index); the main process feeds collated batches
 to `observe()`, so `state_dict()` counts only batches the trainer consumed, never prefetched ones.
+(Over 300 lines: the dataset class and its generator chain share the resume state and stay together.)
 """
 from __future__ import annotations
 
