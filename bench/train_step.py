@@ -172,7 +172,7 @@ def run_torch(args: argparse.Namespace, model: JanusVLN, device: torch.device) -
         batch = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
                  for k, v in batch.items() if k not in BOOKKEEPING_KEYS}
         with timer.region("pixel_decode"):
-            decoded = {**decoder(batch), "images_per_sample": batch["images_per_sample"]}
+            decoded = decoder(batch)
         if "vggt_features" in decoded or args.vggt == "none":
             decoded.pop("images_vggt", None)
         with timer.region("forward_total"):

@@ -88,7 +88,7 @@ def test_collator_batch_of_two(fixtures_dir, frame_cache):
     with np.load(fixtures_dir / "samples" / "collator_b2.npz") as z:
         np.testing.assert_array_equal(out["image_grid_thw"].numpy(), z["image_grid_thw"])
     assert [list(v.shape) for v in out["images_vggt"]] == [item["shape"] for item in meta["keys"]["images_vggt"]["items"]]
-    assert set(out) == {"input_ids", "pixel_values", "image_grid_thw", "images_vggt"}
+    assert set(out) == {"input_ids", "images_per_sample", "pixel_values", "image_grid_thw", "images_vggt"}
 
 
 @pytest.mark.parametrize("rel", ["ep_a/step_0_MOVE_FORWARD.png", "ep_b/step_0_TURN_LEFT.png", "ep_c/step_0_STOP.png"])

@@ -25,6 +25,7 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # Qwen2.5-VL preprocessor_confi
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 TEMPORAL_PATCH_SIZE = 2
 FRAME_KEYS = ("frames", "frame_geometry", "image_frames", "images_per_sample")
+CONSUMED_KEYS = FRAME_KEYS[:3]  # decoded away; `images_per_sample` stays: the model maps 3D features with it
 
 
 @functools.lru_cache(maxsize=None)
@@ -180,7 +181,7 @@ class PixelDecoder(torch.nn.Module):
             grids.append((images, grid))
             group_vggt = vggt_images(unit)
             vggt.update({row: (group_vggt, position[row]) for row in rows})
-        out = {key: value for key, value in batch.items() if key not in FRAME_KEYS}
+        out = {key: value for key, value in batch.items() if key not in CONSUMED_KEYS}
         if len(patches) == 1:  # one canvas size (the usual case): already in image order, no extra copy
             out["pixel_values"], out["image_grid_thw"] = patches[0][1].flatten(0, 1), grids[0][1]
         else:

@@ -117,7 +117,6 @@ class JanusTrainer(Trainer):
         batch = {key: value.to(device, non_blocking=True) if isinstance(value, Tensor) else value
                  for key, value in inputs.items() if key not in BOOKKEEPING_KEYS}
         decoded = self.pixel_decoder(batch)
-        decoded["images_per_sample"] = batch["images_per_sample"]
         if "vggt_features" in decoded:
             decoded.pop("images_vggt", None)
         return decoded
