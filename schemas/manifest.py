@@ -212,14 +212,33 @@ def check_vggt_tags(manifest: Manifest, expected: VggtTags | dict[str, str], whe
         raise SchemaError("expected VGGT tags", unknown[0], f"only the keys {known}", "an unknown key")
     if manifest.vggt is None:
         raise SchemaError(where, "vggt", f"precomputed VGGT features tagged {wanted}", "a build without features")
-    found = {**dataclasses.asdict(manifest.vggt), "image_mode": manifest.image_mode}
-    differing = [name for name in known if name in wanted and wanted[name] != found[name]]
-    if differing:
-        fields = ", ".join(("vggt." if name != "image_mode" else "") + name for name in differing)
-        raise SchemaError(where, fields, "VGGT features made as the training config says: "
-                          + ", ".join(f"{name}={wanted[name]!r}" for name in differing),
-                          ", ".join(f"{name}={found[name]!r}" for name in differing))
+    check_manifest_compat(manifest, {("vggt." if name != "image_mode" else "") + name: wanted[name]
+                                     for name in known if name in wanted}, where)
     return manifest.vggt
+
+
+def check_manifest_compat(manifest: Manifest, expected: dict[str, Any], where: str = "manifest") -> None:
+    """Refuse a build whose parameters differ from the training configuration, naming every differing field.
+
+    Keys are manifest fields (tokenizer_hash, processor_hash, image_mode, max_history_images, vggt) or dotted
+    paths (`vggt.reference_frame`, `build_config.max_length`); `vggt` compares the tags (None = no features).
+    """
+    def plain(value: Any) -> Any:
+        fields = getattr(value, "__dataclass_fields__", None)
+        return {name: getattr(value, name) for name in fields} if fields else value
+
+    problems = []
+    for key, want in expected.items():
+        found: Any = manifest
+        for part in key.split("."):
+            if not (isinstance(found, dict) and part in found) and not hasattr(found, part):
+                raise SchemaError(where, key, "a manifest field to compare", "no such field")
+            found = found[part] if isinstance(found, dict) else getattr(found, part)
+        if plain(found) != plain(want):
+            problems.append((key, f"{key}={plain(found)!r} in the build, {plain(want)!r} in the training config"))
+    if problems:
+        raise SchemaError(where, ", ".join(k for k, _ in problems), "build parameters equal to the training "
+                          "configuration", "; ".join(text for _, text in problems))
 
 
 def read_manifest(url: str) -> Manifest:

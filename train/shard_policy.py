@@ -15,8 +15,6 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from schemas.errors import SchemaError
-from schemas.manifest import Manifest
 
 
 class Piece(NamedTuple):
@@ -148,27 +146,3 @@ class StreamState:
                 self.epoch, self.num_slots, self.consumed, self.next_slot = epoch, num_slots, [0] * num_slots, 0
             self.consumed[slot] = max(self.consumed[slot], index + 1)
             self.next_slot = (slot + 1) % num_slots
-
-
-def check_manifest_compat(manifest: Manifest, expected: dict[str, Any], where: str = "manifest") -> None:
-    """Refuse a build whose parameters differ from the training configuration, naming every differing field.
-
-    Keys are manifest fields (tokenizer_hash, processor_hash, image_mode, max_history_images, vggt) or dotted
-    paths (`vggt.reference_frame`, `build_config.max_length`); `vggt` compares the tags (None = no features).
-    """
-    def plain(value: Any) -> Any:
-        fields = getattr(value, "__dataclass_fields__", None)
-        return {name: getattr(value, name) for name in fields} if fields else value
-
-    problems = []
-    for key, want in expected.items():
-        found: Any = manifest
-        for part in key.split("."):
-            if not (isinstance(found, dict) and part in found) and not hasattr(found, part):
-                raise SchemaError(where, key, "a manifest field to compare", "no such field")
-            found = found[part] if isinstance(found, dict) else getattr(found, part)
-        if plain(found) != plain(want):
-            problems.append((key, f"{key}={plain(found)!r} in the build, {plain(want)!r} in the training config"))
-    if problems:
-        raise SchemaError(where, ", ".join(k for k, _ in problems), "build parameters equal to the training "
-                          "configuration", "; ".join(text for _, text in problems))

@@ -22,13 +22,13 @@ import numpy as np
 import torch
 
 from schemas.errors import SchemaError
-from schemas.manifest import read_manifest
+from schemas.manifest import check_manifest_compat, read_manifest
 from schemas.sample import CompactFrame
 from schemas.stored import MAX_SEQUENCE_LENGTH, PackedFrame, ShardError, StoredSample
 from shards_manifest.deep_verify import image_token_problem
 from shards_manifest.shard_io import iter_shard_stream
 from train.collate import STREAM_KEY
-from train.shard_policy import (MIX_POLICIES, Piece, StreamState, assign_pieces, check_manifest_compat, mix_rng,
+from train.shard_policy import (MIX_POLICIES, Piece, StreamState, assign_pieces, mix_rng,
                                 rank_samples, skip_consumed, slot_sizes)
 
 log = logging.getLogger(__name__)
