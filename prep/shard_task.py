@@ -16,7 +16,7 @@ from pathlib import Path
 from prep.episodes import expand_samples, is_ambiguous, read_episode
 from prep.frames import load_compact_frame, qwen_grid
 from prep.plan import ShardTask
-from prep.text import TextEncoder
+from prep.text import TextEncoder, num_image_tokens
 from schemas.config import BuildConfig
 from schemas.episode import Reject
 from schemas.errors import SchemaError
@@ -136,14 +136,13 @@ def _encode_samples(samples: list[SampleRecord], config: BuildConfig, rejects: l
         if len(text) > config.max_length:
             rejects.append(Reject(sample.sample_id, "too_long", f"{len(text)} tokens > max_length {config.max_length}"))
             continue
-        visual = sum(g[0] * g[1] * g[2] // 4 for g in grids)
+        visual = sum(num_image_tokens(grids))
         result.visual_tokens += visual
         result.text_tokens += len(text) - visual
         stored.append(StoredSample(key=sample.key, sample_id=sample.sample_id, episode=sample.episode,
                                    frame_keys=sample.frame_keys, action_label=sample.action_label, tokens=text))
     used = {k for s in stored for k in s.frame_keys}
     ordered = [f for k, f in frames.items() if f is not None and k in used]
-    result.visual_tokens, result.text_tokens = int(result.visual_tokens), int(result.text_tokens)
     return ordered, stored
 
 
