@@ -26,7 +26,7 @@ from schemas import stored
 from schemas.config import BuildConfig
 from schemas.sample import CompactFrame, EncodedText
 from shards_manifest import shard_io
-from train.vggt import VGGTAggregator, VGGTConfig, sample_features
+from train.vggt import VGGTAggregator, VGGTConfig, compile_blocks, sample_features
 
 H200_BF16_PEAK_FLOPS = 790e12  # dense bf16 matmul, measured on an H200
 
@@ -140,6 +140,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--stage-samples", type=int, default=64, help="samples in the stage's shard (0: skip)")
+    parser.add_argument("--stage-batches", default="", help="samples per call in the stage, comma-separated "
+                        "(default: the fastest batched row's)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every block (train.vggt.compile_blocks)")
     parser.add_argument("--peak-tflops", type=float, default=H200_BF16_PEAK_FLOPS / 1e12)
     return parser.parse_args()
 
@@ -162,8 +165,11 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"# VGGT precompute — {datetime.date.today()}, {name}, torch {torch.__version__}, commit {commit()}")
     model = random_model(args.shape, device, dtype)
+    if args.compile:
+        compile_blocks(model)
     flops = count_flops(model.config, args.frames, args.size)
-    print(f"shape {args.shape}, {args.frames} frames of {args.size}², {args.dtype}; counted {flops:.3e} FLOP/sample")
+    print(f"shape {args.shape}, {args.frames} frames of {args.size}², {args.dtype}, compiled blocks: "
+          f"{args.compile}; counted {flops:.3e} FLOP/sample")
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     frames = torch.rand(max(sizes), args.frames, 3, args.size, args.size, device=device).to(dtype)
     rows = [measure(model, frames[:b], "streaming", "kv-cache", args, device) for b in [1] + sizes]
@@ -176,10 +182,11 @@ def main() -> None:
     print(f"\nbatched vs streaming, same sample: max |Δ| / max |x| = {(a - b).abs().max() / a.abs().max():.2e}")
     if args.stage_samples:
         best = min((r for r in rows if r["method"] == "batched"), key=lambda r: r["seconds"])
-        stage = measure_stage(model, args, device, best["batch"])
-        print(f"build stage ({args.stage_samples}-sample shard, batch {best['batch']}): "
-              f"{stage['samples_per_s']:.2f} samples/s per device, {stage['bytes_per_sample'] / 1e6:.2f} MB "
-              f"of stored features per sample (zstd)")
+        for batch in [int(b) for b in args.stage_batches.split(",") if b] or [best["batch"]]:
+            stage = measure_stage(model, args, device, batch)
+            print(f"build stage ({args.stage_samples}-sample shard, batch {batch}, patch embed once per unique "
+                  f"frame): {stage['samples_per_s']:.2f} samples/s per device, "
+                  f"{stage['bytes_per_sample'] / 1e6:.2f} MB of stored features per sample (zstd)")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -28,7 +29,7 @@ from schemas.sample import CompactFrame
 from schemas.stored import PackedFrame, StoredSample
 from shards_manifest import shard_io
 from train.pixels import canvas_from_frames, collate_frames, vggt_images
-from train.vggt import VGGTAggregator, load_aggregator, sample_features, tiny_config, vggt1b
+from train.vggt import FramePatches, VGGTAggregator, load_aggregator, sample_features, tiny_config, vggt1b
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ FLOP_PER_SAMPLE = 5.6e13  # VGGT-1B, 9 frames of 644², blocks up to 23 (issue 7
 H200_SAMPLES_PER_S = 7.0  # the build stage's target on one H200 (bench/vggt_features.py measures it)
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MODEL_CONFIGS = {"vggt1b": vggt1b, "tiny": tiny_config}
+PATCH_EMBED_CHUNK = 32  # frames per patch-embed call (DINOv2-L on 32 × 644²: ~2 GiB of activations)
 AHEAD_SAMPLES = 32  # features computed ahead of the writer: ≤ 32 × 8.7 MB (bfloat16) of host memory
 
 
@@ -67,8 +69,20 @@ def to_storage(features: torch.Tensor, dtype: str) -> np.ndarray:
     return features.numpy()
 
 
-def vggt_inputs(samples: Sequence[Sequence[CompactFrame]], device: torch.device) -> list[torch.Tensor]:
-    """Per sample (S, 3, H, W) float32 in [0, 1], oldest first: the same ops as `train.pixels.PixelDecoder`."""
+class VggtInputs(NamedTuple):
+    """A batch's VGGT inputs, each unique frame once: `images[r]` (3, H, W) float32 in [0, 1] (the same ops as
+    `train.pixels.PixelDecoder`), and per sample its rows of `images`, oldest first."""
+
+    images: list[torch.Tensor]
+    rows: list[list[int]]
+
+    def per_sample(self) -> list[torch.Tensor]:
+        """(S, 3, H, W) per sample: what the trainer's `images_vggt` holds."""
+        return [torch.stack([self.images[r] for r in rows]) for rows in self.rows]
+
+
+def vggt_inputs(samples: Sequence[Sequence[CompactFrame]], device: torch.device) -> VggtInputs:
+    """The VGGT inputs of samples' frames (oldest first), each unique frame key decoded once."""
     frames, geometry, image_frames, images_per_sample = collate_frames(samples)
     frames = frames.to(device)  # geometry stays on the CPU: reading it never waits for the device
     rows_by_canvas: dict[tuple[int, int], list[int]] = {}
@@ -81,7 +95,7 @@ def vggt_inputs(samples: Sequence[Sequence[CompactFrame]], device: torch.device)
             images[row] = image
     order = image_frames.tolist()
     starts = np.cumsum([0] + images_per_sample.tolist())
-    return [torch.stack([images[r] for r in order[a:b]]) for a, b in zip(starts[:-1], starts[1:])]
+    return VggtInputs(images, [order[a:b] for a, b in zip(starts[:-1], starts[1:])])  # type: ignore[arg-type]
 
 
 def cpu_seconds_per_sample(dtype: str, size: int = 1024, repeats: int = 3) -> tuple[float, float]:
@@ -192,20 +206,26 @@ class FeatureStage:
 
     @torch.inference_mode()
     def compute(self, model: VGGTAggregator, samples: Sequence[Sequence[CompactFrame]]) -> list[np.ndarray]:
-        """Stored features of each sample (its frames oldest first), one aggregator call per input shape."""
+        """Stored features of each sample (its frames oldest first), one aggregator call per input shape.
+        Patch embedding (DINOv2, ~26 % of the FLOP) runs once per unique frame of the batch, not once per
+        image: consecutive samples of an episode share 8 of their 9 frames."""
         inputs = vggt_inputs(samples, self.device)
         by_shape: dict[tuple[int, ...], list[int]] = {}
-        for i, x in enumerate(inputs):
-            by_shape.setdefault(tuple(x.shape), []).append(i)
-        out: list[np.ndarray | None] = [None] * len(inputs)
+        for i, rows in enumerate(inputs.rows):
+            by_shape.setdefault((len(rows), *inputs.images[rows[0]].shape), []).append(i)
+        out: list[np.ndarray | None] = [None] * len(samples)
         dtype = TORCH_DTYPES[self.config.vggt_dtype]
         for members in by_shape.values():
-            batch = torch.stack([inputs[i] for i in members]).to(dtype)
+            used = sorted({r for i in members for r in inputs.rows[i]})
+            images = torch.stack([inputs.images[r] for r in used]).to(dtype)
+            tokens = torch.cat([model.patch_tokens(chunk) for chunk in images.split(PATCH_EMBED_CHUNK)])
+            position = {r: j for j, r in enumerate(used)}
+            index = [[position[r] for r in inputs.rows[i]] for i in members]
             if self.device.type == "cuda" and len(members) < self.config.vggt_batch_samples:
                 # a fixed batch size keeps one compiled flex-attention graph (the shard's last batch is short)
-                pad = batch[-1:].expand(self.config.vggt_batch_samples - len(members), *batch.shape[1:])
-                batch = torch.cat((batch, pad))
-            features = sample_features(model, batch, self.config.reference_frame)
+                index += index[-1:] * (self.config.vggt_batch_samples - len(members))
+            patches = FramePatches(tokens[torch.tensor(index, device=tokens.device)], *images.shape[-2:])
+            features = sample_features(model, patches, self.config.reference_frame)
             for i, feature in zip(members, features):
                 out[i] = to_storage(feature, self.config.vggt_dtype)
         return out  # type: ignore[return-value]

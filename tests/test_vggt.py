@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from schemas.errors import SchemaError
-from train.vggt import (VGGTAggregator, VGGTConfig, load_aggregator, load_aggregator_weights, sample_features,
+from train.vggt import (FramePatches, VGGTAggregator, VGGTConfig, load_aggregator, load_aggregator_weights, sample_features,
                         tiny_config, vggt1b)
 from train.vggt_layers import DinoV2
 
@@ -118,6 +118,22 @@ def test_streaming_equals_batched_for_different_samples(tiny_state):
     assert (batched - streamed).abs().max() <= TOL32
     assert (batched[1:] - alone).abs().max() <= TOL32, "samples of one batch must not see each other"
     assert (batched[0] - batched[1]).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("ref", REFS)
+def test_shared_patch_tokens_equal_the_images_path(tiny_state, ref):
+    """Patch tokens computed once per unique frame and gathered per sample give each sample's features."""
+    model = make_tiny(tiny_state)
+    unique = torch.rand(5, 3, 56, 70, generator=torch.Generator().manual_seed(3))
+    rows = torch.tensor([[0, 0, 1, 2], [1, 2, 3, 4]])
+    with torch.no_grad():
+        from_images = sample_features(model, unique[rows], ref)
+        patches = FramePatches(model.patch_tokens(unique)[rows], 56, 70)
+        from_patches = sample_features(model, patches, ref)
+    assert from_patches.shape == (2, 4 * 5, 128)
+    assert (from_images - from_patches).abs().max() <= TOL32
+    with pytest.raises(ValueError, match="batched"):
+        sample_features(model, patches, ref, method="streaming")
 
 
 def test_global_attention_is_frame_causal(tiny_state):

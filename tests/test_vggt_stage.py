@@ -163,7 +163,9 @@ def test_stage_input_equals_the_trainers_images_vggt(episodes_dir, image_mode):
     samples = [[frames[0], frames[0], frames[1]], [frames[2], frames[3], frames[2]]]
     decoded = PixelDecoder()(dict(zip(("frames", "frame_geometry", "image_frames", "images_per_sample"),
                                       collate_frames(samples))))
-    ours = vggt_inputs(samples, torch.device("cpu"))
+    inputs = vggt_inputs(samples, torch.device("cpu"))
+    assert len(inputs.images) == 4 and inputs.rows == [[0, 0, 1], [2, 3, 2]]
+    ours = inputs.per_sample()
     assert len(ours) == 2 and all(torch.equal(a, b) for a, b in zip(ours, decoded["images_vggt"]))
 
 

@@ -10,6 +10,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -63,6 +64,20 @@ def tiny_config() -> VGGTConfig:
     return VGGTConfig(img_size=56, patch_size=14, embed_dim=64, depth=2, num_heads=4, patch_embed="conv")
 
 
+class FramePatches(NamedTuple):
+    """Patch tokens of B samples' frames, computed beforehand by `VGGTAggregator.patch_tokens` (e.g. once
+    per unique frame of a batch), with the image size they came from (for RoPE)."""
+
+    tokens: Tensor  # (B, S, P, C)
+    height: int
+    width: int
+
+
+def frame_size(frames: Tensor | FramePatches) -> tuple[int, int]:
+    """(H, W) in pixels of the images behind `frames`."""
+    return (frames.height, frames.width) if isinstance(frames, FramePatches) else tuple(frames.shape[-2:])
+
+
 class VGGTAggregator(nn.Module):
     """Alternating frame / global attention over camera + register + patch tokens of every frame."""
 
@@ -93,19 +108,28 @@ class VGGTAggregator(nn.Module):
             buffer = torch.tensor(values, dtype=torch.float32, device=device).view(1, 1, 3, 1, 1)
             self.register_buffer(name, buffer.to(self.camera_token.dtype), persistent=False)
 
-    def embed_frames(self, frames: Tensor, first_is_reference: bool) -> Tensor:
-        """frames (B, S, 3, H, W) in [0, 1] -> tokens (B, S, special + patches, C)."""
-        b, s = frames.shape[:2]
-        x = ((frames - self._resnet_mean) / self._resnet_std).flatten(0, 1)
+    def patch_tokens(self, images: Tensor) -> Tensor:
+        """images (N, 3, H, W) in [0, 1] -> patch tokens (N, P, C). A function of the image alone (the
+        sample around it enters only later), so a frame shared by several samples is embedded once."""
+        self._check_frames(images, 4)
+        x = (images - self._resnet_mean[0]) / self._resnet_std[0]
         patches = self.patch_embed(x)
-        if isinstance(patches, dict):
-            patches = patches["x_norm_patchtokens"]
-        slots = torch.ones(s, dtype=torch.long, device=frames.device)
+        return patches["x_norm_patchtokens"] if isinstance(patches, dict) else patches
+
+    def embed_frames(self, frames: Tensor | FramePatches, first_is_reference: bool) -> Tensor:
+        """frames (B, S, 3, H, W) in [0, 1], or their patch tokens -> tokens (B, S, special + patches, C)."""
+        if isinstance(frames, FramePatches):
+            patches = frames.tokens
+        else:
+            b, s = frames.shape[:2]
+            patches = self.patch_tokens(frames.flatten(0, 1))
+            patches = patches.reshape(b, s, *patches.shape[1:])
+        b, s = patches.shape[:2]
+        slots = torch.ones(s, dtype=torch.long, device=patches.device)
         if first_is_reference:
             slots[0] = 0
         special = torch.cat((self.camera_token[0, slots], self.register_token[0, slots]), dim=1)
-        special = special[None].expand(b, -1, -1, -1)
-        return torch.cat((special, patches.reshape(b, s, patches.shape[1], -1)), dim=2)
+        return torch.cat((special[None].expand(b, -1, -1, -1), patches), dim=2)
 
     def frame_rope(self, height: int, width: int, device: torch.device, dtype: torch.dtype) -> RopeTables:
         """RoPE tables for one frame's tokens: special tokens at (0, 0), patch (i, j) at (i + 1, j + 1)."""
@@ -128,15 +152,17 @@ class VGGTAggregator(nn.Module):
             raise ValueError(f"num_blocks: expected 1..{self.config.depth}, found {num_blocks}")
         return n
 
-    def forward(self, frames: Tensor, num_blocks: int | None = None, all_blocks: bool = True,
+    def forward(self, frames: Tensor | FramePatches, num_blocks: int | None = None, all_blocks: bool = True,
                 backend: str = "auto") -> list[Tensor]:
-        """One block-causal pass over all frames of B samples: frames (B, S, 3, H, W) in [0, 1] ->
-        per block (B, S, N, 2C) (only the last run block when `all_blocks` is False)."""
-        self._check_frames(frames, 5)
-        b, s, _, h, w = frames.shape
+        """One block-causal pass over all frames of B samples: frames (B, S, 3, H, W) in [0, 1] (or their
+        `FramePatches`) -> per block (B, S, N, 2C) (only the last run block when `all_blocks` is False)."""
+        if not isinstance(frames, FramePatches):
+            self._check_frames(frames, 5)
+        b, s = frames.tokens.shape[:2] if isinstance(frames, FramePatches) else frames.shape[:2]
+        h, w = frame_size(frames)
         tokens = self.embed_frames(frames, first_is_reference=True)
         n = tokens.shape[2]
-        rope = self.frame_rope(h, w, frames.device, tokens.dtype)
+        rope = self.frame_rope(h, w, tokens.device, tokens.dtype)
         rope_all = (rope[0].repeat(s, 1), rope[1].repeat(s, 1))
         outputs, count = [], self._num_blocks(num_blocks)
         for i in range(count):
@@ -171,15 +197,22 @@ class VGGTAggregator(nn.Module):
         return outputs, new_cache
 
 
-def sample_features(model: VGGTAggregator, frames: Tensor, reference_frame: str = "last",
+def sample_features(model: VGGTAggregator, frames: Tensor | FramePatches, reference_frame: str = "last",
                     method: str = "batched", backend: str = "auto") -> Tensor:
-    """JanusVLN's 3D feature per sample: frames (B, S, 3, H, W) in [0, 1], oldest first -> (B, P, 2C), the
-    block depth-2 patch tokens of the last processed frame (the oldest frame when reference is "last")."""
+    """JanusVLN's 3D feature per sample: frames (B, S, 3, H, W) in [0, 1], oldest first, or their
+    `FramePatches` (batched only) -> (B, P, 2C), the block depth-2 patch tokens of the last processed frame
+    (the oldest frame when reference is "last")."""
     if reference_frame not in REFERENCE_FRAMES:
         raise ValueError(f"reference_frame: expected one of {REFERENCE_FRAMES}, found {reference_frame!r}")
-    model._check_frames(frames, 5)
-    if reference_frame == "last":
-        frames = frames.flip(1)
+    if isinstance(frames, FramePatches):
+        if method != "batched":
+            raise ValueError(f"FramePatches: expected method 'batched', found {method!r}")
+        if reference_frame == "last":
+            frames = frames._replace(tokens=frames.tokens.flip(1))
+    else:
+        model._check_frames(frames, 5)
+        if reference_frame == "last":
+            frames = frames.flip(1)
     num_blocks = model.config.depth - 1 if model.config.depth > 1 else 1
     if method == "batched":
         last = model(frames, num_blocks=num_blocks, all_blocks=False, backend=backend)[0][:, -1]
@@ -191,6 +224,16 @@ def sample_features(model: VGGTAggregator, frames: Tensor, reference_frame: str 
     else:
         raise ValueError(f"method: expected 'batched' or 'streaming', found {method!r}")
     return last[:, model.num_special:]
+
+
+def compile_blocks(model: VGGTAggregator) -> VGGTAggregator:
+    """torch.compile every transformer block in place (frame, global and DINOv2 blocks), fixed shapes: fuses
+    the elementwise work around the matmuls (LayerNorms, RoPE, LayerScale, residual adds, GELU). Blocks of
+    one kind share a graph; the first call per input shape compiles (tens of seconds on a GPU)."""
+    blocks = [*model.frame_blocks, *model.global_blocks, *getattr(model.patch_embed, "blocks", [])]
+    for block in blocks:
+        block.compile(dynamic=False)
+    return model
 
 
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
