@@ -114,10 +114,11 @@ def measure_stage(model, args, device, batch: int) -> dict:
             info = shard_io.write_shard(f"{tmp}/shard-000000.tar", frames, samples)
             result = ShardResult(0, "shard-000000.tar", config.output_hash(), samples=len(samples),
                                  frames=len(frames), bytes=info.bytes, sha256=info.sha256)
-            start = time.perf_counter()
+            start, stage.compute_seconds = time.perf_counter(), 0.0
             done = stage.process(result)
             timings.append(time.perf_counter() - start)
-    return {"samples_per_s": len(samples) / timings[-1], "bytes_per_sample": (done.bytes - info.bytes) / len(samples)}
+    return {"samples_per_s": len(samples) / timings[-1], "bytes_per_sample": (done.bytes - info.bytes) / len(samples),
+            "compute_share": stage.compute_seconds / timings[-1]}
 
 
 def commit() -> str:
@@ -136,12 +137,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--frames", type=int, default=9)
     parser.add_argument("--size", type=int, default=644, help="square frame side in pixels (multiple of 14)")
     parser.add_argument("--batch-sizes", default="2,4,8,16", help="samples per batched call")
-    parser.add_argument("--backends", default="flex,sdpa")
+    parser.add_argument("--backends", default="sdpa,flex")
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--stage-samples", type=int, default=64, help="samples in the stage's shard (0: skip)")
     parser.add_argument("--stage-batches", default="", help="samples per call in the stage, comma-separated "
                         "(default: the fastest batched row's)")
+    parser.add_argument("--skip-streaming", action="store_true", help="no streaming rows")
     parser.add_argument("--compile", action="store_true", help="torch.compile every block (train.vggt.compile_blocks)")
     parser.add_argument("--peak-tflops", type=float, default=H200_BF16_PEAK_FLOPS / 1e12)
     return parser.parse_args()
@@ -172,7 +174,8 @@ def main() -> None:
           f"{args.compile}; counted {flops:.3e} FLOP/sample")
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     frames = torch.rand(max(sizes), args.frames, 3, args.size, args.size, device=device).to(dtype)
-    rows = [measure(model, frames[:b], "streaming", "kv-cache", args, device) for b in [1] + sizes]
+    rows = [] if args.skip_streaming else [measure(model, frames[:b], "streaming", "kv-cache", args, device)
+                                           for b in [1] + sizes]
     for backend in args.backends.split(","):
         rows += [measure(model, frames[:b], "batched", backend, args, device) for b in sizes]
     report(rows, flops, args.peak_tflops * 1e12, args.shape == "vggt1b" and args.size == 644 and args.frames == 9)
@@ -186,7 +189,8 @@ def main() -> None:
             stage = measure_stage(model, args, device, batch)
             print(f"build stage ({args.stage_samples}-sample shard, batch {batch}, patch embed once per unique "
                   f"frame): {stage['samples_per_s']:.2f} samples/s per device, "
-                  f"{stage['bytes_per_sample'] / 1e6:.2f} MB of stored features per sample (zstd)")
+                  f"{stage['bytes_per_sample'] / 1e6:.2f} MB of stored features per sample (zstd); feature thread "
+                  f"busy {100 * stage['compute_share']:.0f} % of the time")
 
 
 if __name__ == "__main__":

@@ -227,12 +227,13 @@ def sample_features(model: VGGTAggregator, frames: Tensor | FramePatches, refere
 
 
 def compile_blocks(model: VGGTAggregator) -> VGGTAggregator:
-    """torch.compile every transformer block in place (frame, global and DINOv2 blocks), fixed shapes: fuses
-    the elementwise work around the matmuls (LayerNorms, RoPE, LayerScale, residual adds, GELU). Blocks of
-    one kind share a graph; the first call per input shape compiles (tens of seconds on a GPU)."""
+    """torch.compile every transformer block in place (frame, global and DINOv2 blocks): fuses the
+    elementwise work around the matmuls (LayerNorms, RoPE, LayerScale, residual adds, GELU). Blocks of one
+    kind share a graph; the first call compiles (tens of seconds on a GPU), a second batch size recompiles
+    once with a dynamic batch dimension (torch's automatic dynamic shapes)."""
     blocks = [*model.frame_blocks, *model.global_blocks, *getattr(model.patch_embed, "blocks", [])]
     for block in blocks:
-        block.compile(dynamic=False)
+        block.compile()
     return model
 
 

@@ -1,8 +1,9 @@
 """Transformer layers of the VGGT aggregator: pre-norm block (LayerScale, optional qk-norm), 2-D RoPE,
 block-causal attention, conv patch embed and the DINOv2 ViT with register tokens used as patch embed.
-Parameter names follow the official VGGT-1B checkpoint so weights load by name. Block-causal attention
-uses flex_attention with a block mask on CUDA (a boolean SDPA mask loses the fused kernel: 376 vs 219 ms
-per 9-frame sample on an H200) and elsewhere one unmasked SDPA call per query frame (no (S·N)² mask).
+Parameter names follow the official VGGT-1B checkpoint so weights load by name. Block-causal attention is
+one unmasked SDPA call per query frame over the keys of frames up to it (no (S·N)² mask; fused kernels):
+on an H200 that is 198 ms per 9-frame VGGT-1B sample vs 216 ms with flex_attention and a block mask, and
+376 ms with a boolean SDPA mask, which loses the fused kernel (docs/benchmarks.md). Flex stays selectable.
 """
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ def block_causal_attention(q: Tensor, k: Tensor, v: Tensor, frame_len: int, back
     """Attention over frames of `frame_len` tokens where each frame sees itself and earlier frames."""
     num_frames = q.shape[-2] // frame_len
     if backend == "auto":
-        backend = "flex" if q.is_cuda else "sdpa"
+        backend = "sdpa"
     if backend == "flex":
         from torch.nn.attention.flex_attention import flex_attention
 
