@@ -102,7 +102,8 @@ def synthetic_shard(num_samples: int, size: int) -> tuple[list[CompactFrame], li
 
 
 def measure_stage(model, args, device, batch: int) -> dict:
-    """The build stage on one synthetic shard: read, features in `batch`-sample calls, rewrite (timed 2nd run)."""
+    """The build stage on one synthetic shard: read, features in `batch`-sample calls, rewrite (timed 2nd run;
+    a 3rd run with the device synchronised after each phase of the feature thread gives the phase split)."""
     with tempfile.TemporaryDirectory() as tmp:
         config = BuildConfig(output=tmp, vggt_model="random-weights", vggt_config=args.shape, vggt_dtype=args.dtype,
                              vggt_batch_samples=batch, reference_frame="last")
@@ -110,15 +111,20 @@ def measure_stage(model, args, device, batch: int) -> dict:
         stage = FeatureStage(config, "0" * 64, device=str(device))
         stage.model = model  # random weights: no checkpoint file to load or hash
         timings = []
-        for _ in range(2):  # the first run compiles flex attention for this batch size
+        for run in range(3):  # the first run compiles for this batch size; the third times phases
             info = shard_io.write_shard(f"{tmp}/shard-000000.tar", frames, samples)
             result = ShardResult(0, "shard-000000.tar", config.output_hash(), samples=len(samples),
                                  frames=len(frames), bytes=info.bytes, sha256=info.sha256)
             start, stage.compute_seconds = time.perf_counter(), 0.0
+            stage.phase_seconds = {} if run == 2 else None
             done = stage.process(result)
             timings.append(time.perf_counter() - start)
-    return {"samples_per_s": len(samples) / timings[-1], "bytes_per_sample": (done.bytes - info.bytes) / len(samples),
-            "compute_share": stage.compute_seconds / timings[-1]}
+            if run == 1:
+                compute_share, added = stage.compute_seconds / timings[-1], done.bytes - info.bytes
+    phases = {name: seconds / len(samples) for name, seconds in stage.phase_seconds.items()}
+    return {"samples_per_s": len(samples) / timings[1], "bytes_per_sample": added / len(samples),
+            "compute_share": compute_share, "phase_ms": {k: round(v * 1e3, 1) for k, v in phases.items()},
+            "profiled_samples_per_s": len(samples) / timings[2]}
 
 
 def commit() -> str:
@@ -179,10 +185,6 @@ def main() -> None:
     for backend in args.backends.split(","):
         rows += [measure(model, frames[:b], "batched", backend, args, device) for b in sizes]
     report(rows, flops, args.peak_tflops * 1e12, args.shape == "vggt1b" and args.size == 644 and args.frames == 9)
-    with torch.inference_mode():
-        a = sample_features(model, frames[:1], "last", "streaming").float()
-        b = sample_features(model, frames[:2], "last", "batched")[:1].float()
-    print(f"\nbatched vs streaming, same sample: max |Δ| / max |x| = {(a - b).abs().max() / a.abs().max():.2e}")
     if args.stage_samples:
         best = min((r for r in rows if r["method"] == "batched"), key=lambda r: r["seconds"])
         for batch in [int(b) for b in args.stage_batches.split(",") if b] or [best["batch"]]:
@@ -190,7 +192,13 @@ def main() -> None:
             print(f"build stage ({args.stage_samples}-sample shard, batch {batch}, patch embed once per unique "
                   f"frame): {stage['samples_per_s']:.2f} samples/s per device, "
                   f"{stage['bytes_per_sample'] / 1e6:.2f} MB of stored features per sample (zstd); feature thread "
-                  f"busy {100 * stage['compute_share']:.0f} % of the time")
+                  f"busy {100 * stage['compute_share']:.0f} % of the time; synchronised per phase (ms/sample): "
+                  f"{stage['phase_ms']} ({stage['profiled_samples_per_s']:.2f} samples/s)")
+
+    with torch.inference_mode():  # last: with compiled blocks, the streaming pass adds graphs of its own
+        a = sample_features(model, frames[:1], "last", "streaming").float()
+        b = sample_features(model, frames[:2], "last", "batched")[:1].float()
+    print(f"\nbatched vs streaming, same sample: max |Δ| / max |x| = {(a - b).abs().max() / a.abs().max():.2e}")
 
 
 if __name__ == "__main__":

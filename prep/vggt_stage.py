@@ -140,6 +140,8 @@ class FeatureStage:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model: VGGTAggregator | None = None
         self.compute_seconds = 0.0  # time inside compute() (input decode → features on the host), all shards
+        self.phase_seconds: dict[str, float] | None = None  # a dict: time each phase, synchronising (profiling)
+        self._phase_start = 0.0
 
     def load(self) -> VGGTAggregator:
         """Load the checkpoint, refusing a file whose bytes are not the ones hashed by the driver."""
@@ -153,6 +155,16 @@ class FeatureStage:
             self.model = load_aggregator(self.config.vggt_model, model_config, self.device,
                                          TORCH_DTYPES[self.config.vggt_dtype])
         return self.model
+
+    def _phase(self, name: str) -> None:
+        """Profiling only (`phase_seconds` set): wait for the device, add the time since the last phase to `name`."""
+        if self.phase_seconds is None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.phase_seconds[name] = self.phase_seconds.get(name, 0.0) + now - self._phase_start
+        self._phase_start = now
 
     def process(self, result: ShardResult) -> ShardResult:
         """Rewrite the shard with every sample's features (atomic) and update its task record; idempotent."""
@@ -209,9 +221,10 @@ class FeatureStage:
     def compute(self, model: VGGTAggregator, samples: Sequence[Sequence[CompactFrame]]) -> list[np.ndarray]:
         """Stored features of each sample (its frames oldest first), one aggregator call per input shape.
         Patch embedding (DINOv2, ~26 % of the FLOP) runs once per unique frame of the batch, not once per
-        image: consecutive samples of an episode share 8 of their 9 frames."""
-        start = time.perf_counter()
+        image: a sample shares most of its 9 history frames with its episode's neighbours."""
+        start = self._phase_start = time.perf_counter()
         inputs = vggt_inputs(samples, self.device)
+        self._phase("inputs")
         by_shape: dict[tuple[int, ...], list[int]] = {}
         for i, rows in enumerate(inputs.rows):
             by_shape.setdefault((len(rows), *inputs.images[rows[0]].shape), []).append(i)
@@ -221,6 +234,7 @@ class FeatureStage:
             used = sorted({r for i in members for r in inputs.rows[i]})
             images = torch.stack([inputs.images[r] for r in used]).to(dtype)
             tokens = torch.cat([model.patch_tokens(chunk) for chunk in images.split(PATCH_EMBED_CHUNK)])
+            self._phase("patch embed")
             position = {r: j for j, r in enumerate(used)}
             index = [[position[r] for r in inputs.rows[i]] for i in members]
             if self.device.type == "cuda" and len(members) < self.config.vggt_batch_samples:
@@ -228,7 +242,9 @@ class FeatureStage:
                 index += index[-1:] * (self.config.vggt_batch_samples - len(members))
             patches = FramePatches(tokens[torch.tensor(index, device=tokens.device)], *images.shape[-2:])
             features = sample_features(model, patches, self.config.reference_frame)
+            self._phase("blocks")
             for i, feature in zip(members, features):
                 out[i] = to_storage(feature, self.config.vggt_dtype)
+            self._phase("to host")
         self.compute_seconds += time.perf_counter() - start
         return out  # type: ignore[return-value]
