@@ -29,7 +29,8 @@ from schemas.sample import CompactFrame
 from schemas.stored import PackedFrame, StoredSample
 from shards_manifest import shard_io
 from train.pixels import canvas_from_frames, collate_frames, vggt_images
-from train.vggt import FramePatches, VGGTAggregator, load_aggregator, sample_features, tiny_config, vggt1b
+from train.vggt import (FramePatches, VGGTAggregator, compile_blocks, load_aggregator, sample_features,
+                        tiny_config, vggt1b)
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +155,8 @@ class FeatureStage:
             model_config = MODEL_CONFIGS[self.config.vggt_config]()
             self.model = load_aggregator(self.config.vggt_model, model_config, self.device,
                                          TORCH_DTYPES[self.config.vggt_dtype])
+            if self.config.vggt_compile and self.device.type == "cuda":
+                compile_blocks(self.model)
         return self.model
 
     def _phase(self, name: str) -> None:

@@ -42,7 +42,8 @@ class BuildConfig:
     vggt_config: str = "vggt1b"  # vggt1b | tiny (tests)
     reference_frame: str = "last"  # first | last (the original's training default)
     vggt_dtype: str = "bfloat16"  # float32 | bfloat16 | float16 (compute and storage)
-    vggt_batch_samples: int = 4  # samples per aggregator call
+    vggt_batch_samples: int = 16  # samples per aggregator call (H200, VGGT-1B: 16 → 7.2 samples/s, 32 → 7.1)
+    vggt_compile: bool = True  # torch.compile the aggregator's blocks when the stage runs on a GPU (+40 %)
 
     def __post_init__(self) -> None:
         choices = {"executor": ("local", "ray"), "image_mode": ("pad", "crop"), "reference_frame": ("first", "last"),
