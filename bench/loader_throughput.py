@@ -1,9 +1,11 @@
 """Loader throughput per CPU core: shards (ShardStream + Collator) vs the online path (OnlineDataset +
 Collator) in the same run, on 640×480 episodes with 9 images per sample; payload bytes per sample, RSS of a
 loader worker, and mixing (most samples of one episode in any 64-sample window, vs a global shuffle). Timed
-in-process (`num_workers=0`) so one core does all the work. Prints a markdown table.
+in-process (`num_workers=0`) so one core does all the work, in `--rounds` alternating rounds (one shard epoch,
+then `--online-samples` of the online path): medians per path, so a burst of load on a shared machine hits
+both paths alike. Prints a markdown table.
 
-    python bench/loader_throughput.py [--episodes 16] [--batch 4]
+    python bench/loader_throughput.py [--episodes 16] [--batch 4] [--rounds 3]
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import argparse
 import random
 import resource
 import shutil
+import statistics
 import tempfile
 import time
 from collections import Counter
@@ -67,6 +70,7 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=16)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--online-samples", type=int, default=24, help="the online path is slow: time this many")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating timing rounds (medians reported)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     work = Path(tempfile.mkdtemp(prefix="vln-bench-loader-"))
@@ -79,18 +83,25 @@ def main() -> None:
         collate = Collator()
         stream = ShardStream(f"{config.output}/manifest.json", StreamConfig(seed=0), rank=0, world_size=1)
         shard_loader = torch.utils.data.DataLoader(stream, batch_size=args.batch, collate_fn=collate, num_workers=0)
-        order: list[str] = []
-        shard_s, shard_n, shard_bytes = time_loader(shard_loader, len(stream), order)
-        shuffled = random.Random(0).sample(order, len(order))
         online = OnlineDataset(episodes, model_path)
         online_loader = torch.utils.data.DataLoader(online, batch_size=args.batch, collate_fn=collate, shuffle=True,
                                                     generator=torch.Generator().manual_seed(0), num_workers=0)
-        online_s, online_n, _ = time_loader(online_loader, args.online_samples)
-        shard_rate, online_rate = shard_n / shard_s, online_n / online_s
-        rows = [("samples timed (shards / online)", f"{shard_n} / {online_n}"),
-                ("shards: samples/s per core", f"{shard_rate:.1f}"),
-                ("online path: samples/s per core", f"{online_rate:.2f}"),
-                ("shards ÷ online (same run)", f"{shard_rate / online_rate:.1f}×"),
+        shard_rates, online_rates = [], []
+        for epoch in range(args.rounds):
+            stream.set_epoch(epoch)
+            order: list[str] = []
+            shard_s, shard_n, shard_bytes = time_loader(shard_loader, len(stream), order)
+            online_s, online_n, _ = time_loader(online_loader, args.online_samples)
+            shard_rates.append(shard_n / shard_s)
+            online_rates.append(online_n / online_s)
+        shuffled = random.Random(0).sample(order, len(order))
+        shard_rate, online_rate = statistics.median(shard_rates), statistics.median(online_rates)
+        ratios = sorted(a / b for a, b in zip(shard_rates, online_rates))
+        rows = [("samples timed per round (shards / online) × rounds", f"{shard_n} / {online_n} × {args.rounds}"),
+                ("shards: samples/s per core (median)", f"{shard_rate:.1f}"),
+                ("online path: samples/s per core (median)", f"{online_rate:.2f}"),
+                ("shards ÷ online (medians, same run)", f"{shard_rate / online_rate:.1f}×"),
+                ("shards ÷ online per round (min – max)", f"{ratios[0]:.1f}× – {ratios[-1]:.1f}×"),
                 ("payload per sample, collated (MB)", f"{shard_bytes / shard_n / 1e6:.2f}"),
                 ("original payload per sample (MB, facts §3)", "≈134"),
                 ("peak RSS of this process (MB)", f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3:.0f}"),

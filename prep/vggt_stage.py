@@ -28,7 +28,7 @@ from schemas.manifest import VggtTags
 from schemas.sample import CompactFrame
 from schemas.stored import PackedFrame, StoredSample
 from shards_manifest import shard_io
-from train.pixels import canvas_from_frames, collate_frames, vggt_images
+from train.pixels import canvas_from_frames, collate_frames, undo_row_deltas, vggt_images
 from train.vggt import (FramePatches, VGGTAggregator, compile_blocks, load_aggregator, sample_features,
                         tiny_config, vggt1b)
 
@@ -84,8 +84,8 @@ class VggtInputs(NamedTuple):
 
 def vggt_inputs(samples: Sequence[Sequence[CompactFrame]], device: torch.device) -> VggtInputs:
     """The VGGT inputs of samples' frames (oldest first), each unique frame key decoded once."""
-    frames, geometry, image_frames, images_per_sample = collate_frames(samples)
-    frames = frames.to(device)  # geometry stays on the CPU: reading it never waits for the device
+    frames, geometry, image_frames, images_per_sample, deltas = collate_frames(samples)
+    frames = undo_row_deltas(frames.to(device), deltas)  # geometry stays on the CPU: reading it never waits
     rows_by_canvas: dict[tuple[int, int], list[int]] = {}
     for row, geo in enumerate(geometry.tolist()):
         rows_by_canvas.setdefault((geo[2], geo[3]), []).append(row)

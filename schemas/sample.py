@@ -72,6 +72,7 @@ class CompactFrame:
     canvas_w: int
     top: int
     left: int
+    row_deltas: bool = False  # pixels hold left-neighbour differences mod 256 (as stored; the loader's form)
 
     def __post_init__(self) -> None:
         h, w = self.pixels.shape[:2]

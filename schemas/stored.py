@@ -11,6 +11,7 @@ import io
 import json
 import math
 import re
+import warnings
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -84,12 +85,16 @@ class PackedFrame:
     payload: bytes
     ref: MemberRef
 
-    def unpack(self) -> CompactFrame:
+    def unpack(self, row_deltas: bool = False) -> CompactFrame:
+        """The frame's pixels; with `row_deltas`, left as stored (left-neighbour deltas, read-only): the loader's
+        form, decoded on the training device by `train.pixels.undo_row_deltas`."""
         h, w, canvas_h, canvas_w, top, left = self.geometry
         raw = unzstd(self.payload, self.ref, exact=h * w * 3)
-        pixels = delta_unfilter(np.frombuffer(bytearray(raw), dtype=np.uint8).reshape(h, w, 3))  # writable for torch
-        pixels.flags.writeable = False  # frames are shared by several samples
-        return CompactFrame(self.key, pixels, canvas_h, canvas_w, top, left)
+        pixels = np.frombuffer(raw, dtype=np.uint8).reshape(h, w, 3)
+        if not row_deltas:
+            pixels = delta_unfilter(pixels)
+            pixels.flags.writeable = False  # frames are shared by several samples
+        return CompactFrame(self.key, pixels, canvas_h, canvas_w, top, left, row_deltas)
 
 
 def unzstd(payload: bytes, ref: MemberRef, *, exact: int | None = None, cap: int | None = None) -> bytes:
@@ -277,7 +282,10 @@ def delta_filter(pixels: np.ndarray) -> np.ndarray:
 def delta_unfilter(filtered: np.ndarray) -> np.ndarray:
     """Inverse of `delta_filter`: cumulative sum along each row, mod 256 (torch's uint8 cumsum is ~5×
     faster than numpy's here: 0.5 ms vs 2.5 ms per 644×490 frame)."""
-    return torch.from_numpy(np.ascontiguousarray(filtered)).cumsum(1, dtype=torch.uint8).numpy()
+    with warnings.catch_warnings():  # a read-only array (zstd output) is fine: cumsum only reads it
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        source = torch.from_numpy(np.ascontiguousarray(filtered))
+    return source.cumsum(1, dtype=torch.uint8).numpy()
 
 
 def encode_sample(sample: StoredSample, compressor: zstandard.ZstdCompressor) -> list[tuple[str, bytes]]:

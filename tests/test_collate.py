@@ -108,5 +108,5 @@ def test_payload_is_uint8_frames_plus_int_text():
     frames = [_frame(rng, f"f{i}", 40, 56) for i in range(9)]
     batch = Collator()([_sample(rng, 100, frames, 0)])
     text_bytes = 100 * 8 * 6 + 100  # input_ids, labels, segment_ids, 3 position rows (int64) + bool mask
-    frame_bytes = 9 * 40 * 56 * 3 + 9 * 6 * 8 + 9 * 8 + 8
+    frame_bytes = 9 * 40 * 56 * 3 + 9 * 6 * 8 + 9 * 8 + 8 + 9  # frames, geometry, image_frames, per-sample, deltas
     assert batch_payload_bytes(batch) == text_bytes + frame_bytes + 8 + 4 * 8  # + action_label + __stream__

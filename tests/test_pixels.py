@@ -2,6 +2,7 @@
 transformers' Qwen2-VL image processor as an independent reference."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -14,8 +15,9 @@ import torch.nn.functional as F
 from prep.frames import image_token_count, load_compact_frame
 from schemas.errors import SchemaError
 from schemas.sample import CompactFrame, frame_key
+from schemas.stored import delta_filter
 from train.pixels import (FRAME_KEYS, PixelDecoder, canvas_from_frames, collate_frames, place_on_canvas,
-                          qwen_pixel_values, vggt_images)
+                          qwen_pixel_values, undo_row_deltas, vggt_images)
 
 FAST_SAMPLES = ("ep_a__step_12_STOP", "ep_b__step_2_MOVE_FORWARD", "ep_c__step_0_STOP")
 SLOW_SAMPLES = [f"ep_a__step_{step}" for step in ("0_MOVE_FORWARD", "1_MOVE_FORWARD", "2_MOVE_FORWARD", "3_TURN_LEFT",
@@ -80,8 +82,8 @@ def test_remaining_samples_match_original(fixtures_dir, frame_cache, name):
 def test_collator_batch_of_two(fixtures_dir, frame_cache):
     meta = json.loads((fixtures_dir / "samples" / "collator_b2.json").read_text())
     samples = [[frame_cache(rel)] * 9 for rel in meta["samples"]]  # j = 0: frame 0 nine times
-    frames, _, image_frames, images_per_sample = collate_frames(samples)
-    assert frames.shape == (2, 504, 644, 3) and image_frames.tolist() == [0] * 9 + [1] * 9
+    collated = collate_frames(samples)
+    assert collated.frames.shape == (2, 504, 644, 3) and collated.image_frames.tolist() == [0] * 9 + [1] * 9
     out = decode(samples, extra={"input_ids": torch.zeros(2, 3)})
     assert sha256(out["pixel_values"]) == meta["pixel_values_sha256"]
     assert list(out["pixel_values"].shape) == meta["keys"]["pixel_values"]["shape"]
@@ -95,8 +97,8 @@ def test_collator_batch_of_two(fixtures_dir, frame_cache):
 @pytest.mark.parametrize("mode", ["pad", "crop"])
 def test_agrees_with_transformers_image_processor(frame_cache, image_processor, rel, mode):
     frame = frame_cache(rel, mode)
-    frames, geometry, _, _ = collate_frames([[frame]])
-    canvas = place_on_canvas(frames, geometry)
+    collated = collate_frames([[frame]])
+    canvas = place_on_canvas(collated.frames, collated.frame_geometry)
     pixel_values, grid = qwen_pixel_values(canvas)
     _, gh, gw = grid[0].tolist()
     image = canvas[0, :, : gh * 14, : gw * 14].permute(1, 2, 0).numpy()  # the original's crop to multiples of 28
@@ -141,9 +143,9 @@ def test_decoder_mixes_canvas_sizes_in_image_order(frame_cache):
     pad_a, pad_b = frame_cache("ep_a/step_0_MOVE_FORWARD.png"), frame_cache("ep_b/step_0_TURN_LEFT.png")
     crop_a, crop_c = frame_cache("ep_a/step_1_MOVE_FORWARD.png", "crop"), frame_cache("ep_c/step_0_STOP.png", "crop")
     samples = [[pad_a, pad_a, pad_b], [crop_a, crop_a], [pad_b], [crop_c]]
-    frames, _, image_frames, images_per_sample = collate_frames(samples)
-    assert frames.shape[0] == 4 and image_frames.tolist() == [0, 0, 1, 2, 2, 1, 3]
-    assert images_per_sample.tolist() == [3, 2, 1, 1]
+    collated = collate_frames(samples)
+    assert collated.frames.shape[0] == 4 and collated.image_frames.tolist() == [0, 0, 1, 2, 2, 1, 3]
+    assert collated.images_per_sample.tolist() == [3, 2, 1, 1]
     out = decode(samples)
     single = [decode([[f]]) for sample in samples for f in sample]  # each image alone: the reference order
     torch.testing.assert_close(out["pixel_values"], torch.cat([s["pixel_values"] for s in single]), rtol=0, atol=0)
@@ -164,6 +166,34 @@ def test_inconsistent_inputs_are_refused(frame_cache):
         decode([[pad_a, crop_a]])
     with pytest.raises(ValueError, match="expected"):
         qwen_pixel_values(torch.zeros(1, 644, 644, 3, dtype=torch.uint8))
+
+
+def as_row_deltas(frame: CompactFrame) -> CompactFrame:
+    """The frame as the shard loader ships it: left-neighbour deltas, as stored."""
+    return dataclasses.replace(frame, pixels=delta_filter(frame.pixels), row_deltas=True)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_row_delta_frames_decode_like_raw_ones(frame_cache, device):
+    """Shard frames stay delta-coded until PixelDecoder: any mix with raw frames (and zero padding of smaller
+    contents) decodes bit-identically to all-raw frames."""
+    pad_a, pad_b = frame_cache("ep_a/step_0_MOVE_FORWARD.png"), frame_cache("ep_b/step_0_TURN_LEFT.png")
+    crop_a = frame_cache("ep_a/step_1_MOVE_FORWARD.png", "crop")
+    raw = [[pad_a, pad_b, pad_a], [crop_a], [pad_b]]
+    mixed = [[as_row_deltas(pad_a), pad_b, as_row_deltas(pad_a)], [as_row_deltas(crop_a)], [pad_b]]
+    collated = collate_frames(mixed)
+    assert collated.frame_deltas.tolist() == [True, False, True]
+    want, got = decode(raw, device), decode(mixed, device)
+    for key in ("pixel_values", "image_grid_thw"):
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=0)
+    for a, b in zip(got["images_vggt"], want["images_vggt"]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    frames = collated.frames.to(device)
+    decoded = undo_row_deltas(frames, collated.frame_deltas).cpu()
+    h, w = pad_a.pixels.shape[:2]
+    assert torch.equal(decoded[1], frames[1].cpu()) and torch.equal(decoded[0, :h, :w], torch.from_numpy(pad_a.pixels.copy()))
+    with pytest.raises(SchemaError, match="row_deltas"):  # one key, two encodings: refused
+        collate_frames([[pad_a], [as_row_deltas(pad_a)]])
 
 
 @pytest.mark.gpu

@@ -161,8 +161,7 @@ def test_stage_input_equals_the_trainers_images_vggt(episodes_dir, image_mode):
     paths = sorted((episodes_dir / "ep_a").glob("step_*_*.png"))[:4]
     frames = [load_compact_frame(str(p), f"f{i}", image_mode) for i, p in enumerate(paths)]
     samples = [[frames[0], frames[0], frames[1]], [frames[2], frames[3], frames[2]]]
-    decoded = PixelDecoder()(dict(zip(("frames", "frame_geometry", "image_frames", "images_per_sample"),
-                                      collate_frames(samples))))
+    decoded = PixelDecoder()(collate_frames(samples)._asdict())
     inputs = vggt_inputs(samples, torch.device("cpu"))
     assert len(inputs.images) == 4 and inputs.rows == [[0, 0, 1], [2, 3, 2]]
     ours = inputs.per_sample()

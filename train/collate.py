@@ -65,9 +65,7 @@ class Collator:
             "segment_ids": pad_stack(text["segment_ids"], 0),
             "action_label": torch.tensor([int(s["action_label"]) for s in samples], dtype=torch.int64),
         }
-        frames, geometry, image_frames, images_per_sample = collate_frames([s["frames"] for s in samples])
-        batch.update(frames=frames, frame_geometry=geometry, image_frames=image_frames,
-                     images_per_sample=images_per_sample)
+        batch.update(collate_frames([s["frames"] for s in samples])._asdict())
         features = self._vggt_features(samples)
         if features is not None:
             batch["vggt_features"] = features

@@ -123,9 +123,9 @@ class FrameTable:
             self.decoded.move_to_end(key)
             return frame
         if self.cache_frames is None:
-            frame = self.decoded[key] = self.packed.pop(key).unpack()
+            frame = self.decoded[key] = self.packed.pop(key).unpack(row_deltas=True)
         else:
-            frame = self.packed[key].unpack()
+            frame = self.packed[key].unpack(row_deltas=True)
             if self.cache_frames:
                 self.decoded[key] = frame
                 if len(self.decoded) > self.cache_frames:
