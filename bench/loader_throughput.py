@@ -1,15 +1,17 @@
 """Loader throughput per CPU core: shards (ShardStream + Collator) vs the online path (OnlineDataset +
 Collator) in the same run, on 640×480 episodes with 9 images per sample; payload bytes per sample, RSS of a
 loader worker, and mixing (most samples of one episode in any 64-sample window, vs a global shuffle). Timed
-in-process (`num_workers=0`) so one core does all the work, in `--rounds` alternating rounds (one shard epoch,
-then `--online-samples` of the online path): medians per path, so a burst of load on a shared machine hits
-both paths alike. Prints a markdown table.
+in-process (`num_workers=0`) so one core does all the work. The two paths take turns (`--rounds` of
+`--shard-samples` then `--online-samples`), so load bursts on a shared machine hit both alike; rates are
+totals over all turns after one untimed warm-up turn each, with the spread of the per-turn ratio. Prints a
+markdown table.
 
-    python bench/loader_throughput.py [--episodes 16] [--batch 4] [--rounds 3]
+    python bench/loader_throughput.py [--episodes 16] [--batch 4] [--rounds 12]
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import random
 import resource
 import shutil
@@ -17,6 +19,8 @@ import statistics
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,18 +37,36 @@ def payload_bytes(batch: dict) -> int:
     return sum(v.numel() * v.element_size() for v in batch.values() if isinstance(v, torch.Tensor))
 
 
-def time_loader(loader, max_samples: int, order: list[str] | None = None) -> tuple[float, int, int]:
-    """(seconds, samples, payload bytes) for iterating up to max_samples samples; sample ids appended to `order`."""
-    samples = payload = 0
-    start = time.perf_counter()
-    for batch in loader:
-        samples += batch["input_ids"].shape[0]
-        payload += payload_bytes(batch)
-        if order is not None:
-            order += batch["sample_id"]
-        if samples >= max_samples:
-            break
-    return time.perf_counter() - start, samples, payload
+@dataclass
+class Tally:
+    seconds: float = 0.0
+    samples: int = 0
+    payload: int = 0
+
+    @property
+    def rate(self) -> float:
+        return self.samples / self.seconds
+
+
+def batches_forever(loader, stream: ShardStream | None = None) -> Iterator[dict]:
+    """The loader's batches, epoch after epoch (a new shuffle each epoch)."""
+    for epoch in itertools.count():
+        if stream is not None:
+            stream.set_epoch(epoch)
+        yield from loader
+
+
+def take(batches: Iterator[dict], samples: int, tally: Tally, order: list[str]) -> float:
+    """Time fetching batches until `samples` samples; add to `tally`, ids to `order`; returns this turn's rate."""
+    count, start = 0, time.perf_counter()
+    while count < samples:
+        batch = next(batches)
+        count += batch["input_ids"].shape[0]
+        tally.payload += payload_bytes(batch)
+        order += batch["sample_id"]
+    seconds = time.perf_counter() - start
+    tally.seconds, tally.samples = tally.seconds + seconds, tally.samples + count
+    return count / seconds
 
 
 def worst_window(sample_ids: list[str], window: int = 64) -> int:
@@ -53,24 +75,32 @@ def worst_window(sample_ids: list[str], window: int = 64) -> int:
     return max(Counter(episodes[i:i + window]).most_common(1)[0][1] for i in range(max(1, len(episodes) - window + 1)))
 
 
-def worker_rss_mb(stream, collate, batch: int) -> float:
-    """Peak-ish RSS of one persistent loader worker after a full epoch."""
+def one_worker(stream, collate, batch: int, epochs: int = 3) -> tuple[float, float]:
+    """(RSS in MB of one persistent loader worker after `epochs` epochs, samples/s of the last epoch's wall time).
+
+    The rate is what one worker delivers end to end: its core, plus the main process receiving the batches.
+    """
     import psutil
     loader = torch.utils.data.DataLoader(stream, batch_size=batch, collate_fn=collate, num_workers=1,
-                                         persistent_workers=True)
-    for _ in loader:
-        pass
+                                         persistent_workers=True, prefetch_factor=4)
+    for epoch in range(epochs):
+        stream.set_epoch(epoch)
+        count, start = 0, time.perf_counter()
+        for b in loader:
+            count += b["input_ids"].shape[0]
+        rate = count / (time.perf_counter() - start)
     rss = max(child.memory_info().rss for child in psutil.Process().children(recursive=True))
     del loader
-    return rss / 1e6
+    return rss / 1e6, rate
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--episodes", type=int, default=16)
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--online-samples", type=int, default=24, help="the online path is slow: time this many")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating timing rounds (medians reported)")
+    parser.add_argument("--shard-samples", type=int, default=48, help="shard-path samples per turn")
+    parser.add_argument("--online-samples", type=int, default=4, help="online-path samples per turn (it is slow)")
+    parser.add_argument("--rounds", type=int, default=12, help="turns of each path")
     args = parser.parse_args()
     torch.set_num_threads(1)
     work = Path(tempfile.mkdtemp(prefix="vln-bench-loader-"))
@@ -86,29 +116,31 @@ def main() -> None:
         online = OnlineDataset(episodes, model_path)
         online_loader = torch.utils.data.DataLoader(online, batch_size=args.batch, collate_fn=collate, shuffle=True,
                                                     generator=torch.Generator().manual_seed(0), num_workers=0)
-        shard_rates, online_rates = [], []
-        for epoch in range(args.rounds):
-            stream.set_epoch(epoch)
-            order: list[str] = []
-            shard_s, shard_n, shard_bytes = time_loader(shard_loader, len(stream), order)
-            online_s, online_n, _ = time_loader(online_loader, args.online_samples)
-            shard_rates.append(shard_n / shard_s)
-            online_rates.append(online_n / online_s)
-        shuffled = random.Random(0).sample(order, len(order))
-        shard_rate, online_rate = statistics.median(shard_rates), statistics.median(online_rates)
-        ratios = sorted(a / b for a, b in zip(shard_rates, online_rates))
-        rows = [("samples timed per round (shards / online) × rounds", f"{shard_n} / {online_n} × {args.rounds}"),
-                ("shards: samples/s per core (median)", f"{shard_rate:.1f}"),
-                ("online path: samples/s per core (median)", f"{online_rate:.2f}"),
-                ("shards ÷ online (medians, same run)", f"{shard_rate / online_rate:.1f}×"),
-                ("shards ÷ online per round (min – max)", f"{ratios[0]:.1f}× – {ratios[-1]:.1f}×"),
-                ("payload per sample, collated (MB)", f"{shard_bytes / shard_n / 1e6:.2f}"),
+        shards, online_tally, order, online_ids = Tally(), Tally(), [], []
+        shard_batches, online_batches = batches_forever(shard_loader, stream), batches_forever(online_loader)
+        take(shard_batches, len(stream), Tally(), order)  # warm-up, untimed: one epoch (first-call costs, page cache)
+        take(online_batches, args.online_samples, Tally(), online_ids)
+        ratios = sorted(take(shard_batches, args.shard_samples, shards, order)
+                        / take(online_batches, args.online_samples, online_tally, online_ids)
+                        for _ in range(args.rounds))
+        epoch = order[:len(stream)]  # the warm-up epoch, for the mixing figure
+        worker_rss, worker_rate = one_worker(stream, collate, args.batch)
+        shuffled = random.Random(0).sample(epoch, len(epoch))
+        rows = [("samples timed (shards / online), in turns", f"{shards.samples} / {online_tally.samples} in "
+                 f"{args.rounds} turns"),
+                ("shards: samples/s per core", f"{shards.rate:.1f}"),
+                ("online path: samples/s per core", f"{online_tally.rate:.2f}"),
+                ("shards ÷ online (same run)", f"{shards.rate / online_tally.rate:.1f}×"),
+                ("shards ÷ online per turn (min / median / max)",
+                 f"{ratios[0]:.1f}× / {statistics.median(ratios):.1f}× / {ratios[-1]:.1f}×"),
+                ("payload per sample, collated (MB)", f"{shards.payload / shards.samples / 1e6:.2f}"),
                 ("original payload per sample (MB, facts §3)", "≈134"),
                 ("peak RSS of this process (MB)", f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3:.0f}"),
-                ("RSS of one loader worker after an epoch (MB)", f"{worker_rss_mb(stream, collate, args.batch):.0f}"),
-                ("most samples of one episode in a 64-sample window: stream", worst_window(order)),
+                ("RSS of one loader worker after 3 epochs (MB)", f"{worker_rss:.0f}"),
+                ("one loader worker (persistent): samples/s, wall", f"{worker_rate:.0f}"),
+                ("most samples of one episode in a 64-sample window: stream", worst_window(epoch)),
                 ("the same for a global random shuffle", worst_window(shuffled)),
-                ("episodes / samples per episode", f"{args.episodes} / {len(order) / args.episodes:.1f}")]
+                ("episodes / samples per episode", f"{args.episodes} / {len(epoch) / args.episodes:.1f}")]
         print("| metric | value |\n|---|---|")
         print("\n".join(f"| {k} | {v} |" for k, v in rows))
     finally:

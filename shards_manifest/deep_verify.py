@@ -8,6 +8,8 @@ Frames are decompressed with their checksum, not un-filtered (the filter is a bi
 """
 from __future__ import annotations
 
+import functools
+
 import hashlib
 import logging
 from collections.abc import Callable, Iterable, Iterator
@@ -108,22 +110,32 @@ def _pad_runs(input_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def image_token_problem(sample: StoredSample, geometries: list[Geometry]) -> Finding:
-    """Expected/found text when the `<|image_pad|>` runs do not match the frames (one run per image, in order)."""
+    """Expected/found text when the `<|image_pad|>` runs do not match the frames (one run per image, in order).
+    Runs on every sample the loader yields: the checks are whole-array ops, the message is built on failure."""
     ids = sample.tokens.input_ids
     starts, ends = _pad_runs(ids)
     if len(starts) != len(geometries):
         return f"{len(geometries)} <|image_pad|> runs (one per frame_keys entry)", f"{len(starts)}"
-    for i, (start, end, geometry) in enumerate(zip(starts, ends, geometries)):
-        need = image_token_count(geometry[2], geometry[3])
-        if end - start != need:
-            grid = "×".join(map(str, qwen_grid(geometry[2], geometry[3])))
-            return (f"{need} <|image_pad|> tokens for image {i + 1} of {len(geometries)} (frame {sample.frame_keys[i]}, "
-                    f"canvas {geometry[2]}×{geometry[3]}, Qwen grid {grid})", f"{end - start}")
-        if start == 0 or ids[start - 1] != VISION_START_ID or end >= len(ids) or ids[end] != VISION_END_ID:
-            return f"<|vision_start|> before and <|vision_end|> after image {i + 1}", "other tokens"
+    need = np.array([_image_tokens(g[2], g[3]) for g in geometries], dtype=np.int64)
+    wrong = np.flatnonzero(ends - starts != need)
+    if wrong.size:
+        i = int(wrong[0])
+        grid = "×".join(map(str, qwen_grid(geometries[i][2], geometries[i][3])))
+        return (f"{need[i]} <|image_pad|> tokens for image {i + 1} of {len(geometries)} (frame {sample.frame_keys[i]}, "
+                f"canvas {geometries[i][2]}×{geometries[i][3]}, Qwen grid {grid})", f"{ends[i] - starts[i]}")
+    before, after = ids[np.maximum(starts - 1, 0)], ids[np.minimum(ends, len(ids) - 1)]
+    framed = (starts > 0) & (before == VISION_START_ID) & (ends < len(ids)) & (after == VISION_END_ID)
+    if not framed.all():
+        return f"<|vision_start|> before and <|vision_end|> after image {int(np.flatnonzero(~framed)[0]) + 1}", \
+            "other tokens"
     if np.count_nonzero(ids == VISION_START_ID) != len(starts) or np.count_nonzero(ids == VISION_END_ID) != len(starts):
         return f"{len(starts)} <|vision_start|>/<|vision_end|> pairs", "stray vision markers"
     return None
+
+
+@functools.lru_cache(maxsize=64)
+def _image_tokens(canvas_h: int, canvas_w: int) -> int:
+    return image_token_count(canvas_h, canvas_w)
 
 
 def label_problem(sample: StoredSample) -> Finding:
