@@ -35,7 +35,7 @@ from train.vggt import (FramePatches, VGGTAggregator, compile_blocks, load_aggre
 log = logging.getLogger(__name__)
 
 FLOP_PER_SAMPLE = 5.6e13  # VGGT-1B, 9 frames of 644², blocks up to 23 (issue 7)
-H200_SAMPLES_PER_S = 7.0  # the build stage's target on one H200 (bench/vggt_features.py measures it)
+H200_SAMPLES_PER_S = 7.9  # the build stage on one H200, compiled, 16 per call (docs/benchmarks.md)
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MODEL_CONFIGS = {"vggt1b": vggt1b, "tiny": tiny_config}
 PATCH_EMBED_CHUNK = 32  # frames per patch-embed call (DINOv2-L on 32 × 644²: ~2 GiB of activations)
