@@ -111,10 +111,12 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
     parser.add_argument("--config", help="TOML or YAML file of build options (keys as below, with underscores)")
     for f in dataclasses.fields(BuildConfig):
         flag = "--" + f.name.replace("_", "-")
+        text = f"{f.metadata['help']} ".replace("%", "%%") if f.metadata.get("help") else ""  # argparse formats %
         if isinstance(f.default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"(default {f.default})")
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                                help=f"{text}(default {f.default})")
         else:
-            parser.add_argument(flag, type=type(f.default), default=None, help=f"(default {f.default!r})")
+            parser.add_argument(flag, type=type(f.default), default=None, help=f"{text}(default {f.default!r})")
     args = vars(parser.parse_args(argv))
     config_file = args.pop("config")
     overrides = {k: v for k, v in args.items() if v is not None}

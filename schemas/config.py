@@ -18,32 +18,37 @@ from schemas.errors import SchemaError
 _RUNTIME_FIELDS = {"output", "executor", "ray_address", "overwrite", "max_in_flight", "num_cpus", "progress"}
 
 
+def option(default: Any, help: str) -> Any:
+    """A config field with its `--help` text (`python -m prep.build --help` lists them)."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class BuildConfig:
-    input: str = ""  # episode root folder, or a .json/.jsonl annotation file
-    output: str = "shards"  # local path or fsspec URL
-    model_path: str = ""  # tokenizer + preprocessor directory (e.g. a Qwen2.5-VL-7B-Instruct folder)
-    image_root: str = ""  # for annotation input: where relative image paths start
-    executor: str = "local"  # local | ray
-    ray_address: str = ""  # empty: $RAY_ADDRESS or a new local Ray
-    image_mode: str = "pad"  # pad (training) | crop (evaluation)
-    max_history_images: int = 8
-    episodes_per_shard: int = 8
-    zstd_level: int = 1  # measured: on delta-filtered frames level 1 is both faster and smaller than 3 (LOG.md)
-    limit: int = 0  # number of episodes (0 = all)
-    max_length: int = 8192  # samples longer than this are rejected, never truncated
-    max_reject_fraction: float = 0.05
-    seed: int = 0  # order of samples inside a shard
-    overwrite: bool = False
-    max_in_flight: int = 0  # Ray tasks in flight (0 = 2 × cluster CPUs)
-    num_cpus: int = 0  # local Ray CPUs (0 = all)
-    progress: bool = True
-    vggt_model: str = ""  # VGGT checkpoint (.pt/.safetensors); empty = no feature precompute
-    vggt_config: str = "vggt1b"  # vggt1b | tiny (tests)
-    reference_frame: str = "last"  # first | last (the original's training default)
-    vggt_dtype: str = "bfloat16"  # float32 | bfloat16 | float16 (compute and storage)
-    vggt_batch_samples: int = 16  # samples per aggregator call (H200, VGGT-1B: 16 → 7.2 samples/s, 32 → 7.1)
-    vggt_compile: bool = True  # torch.compile the aggregator's blocks when the stage runs on a GPU (+40 %)
+    input: str = option("", "episode root folder, or a .json/.jsonl annotation file")
+    output: str = option("shards", "local path or fsspec URL")
+    model_path: str = option("", "tokenizer + preprocessor directory (e.g. a Qwen2.5-VL-7B-Instruct folder)")
+    image_root: str = option("", "for annotation input: where relative image paths start")
+    executor: str = option("local", "local (in-process) | ray (local Ray or the cluster at --ray-address)")
+    ray_address: str = option("", "empty: $RAY_ADDRESS or a new local Ray")
+    image_mode: str = option("pad", "pad (training) | crop (evaluation)")
+    max_history_images: int = option(8, "history images per sample besides the current one (the original: 8)")
+    episodes_per_shard: int = option(8, "episodes per shard (one build task; at ~70 steps per episode ≈ 0.2 GB, ≈ 4 GB with VGGT features)")
+    zstd_level: int = option(1, "zstd level of frames and tokens; on delta-filtered frames 1 is faster and smaller than 3 (LOG.md)")
+    limit: int = option(0, "number of episodes (0 = all)")
+    max_length: int = option(8192, "samples longer than this are rejected, never truncated")
+    max_reject_fraction: float = option(0.05, "fail the build when more than this fraction of samples is rejected (rejects.jsonl says why)")
+    seed: int = option(0, "order of the samples inside each shard")
+    overwrite: bool = option(False, "replace an output folder that holds a different build (else refused)")
+    max_in_flight: int = option(0, "Ray tasks in flight (0 = 2 × cluster CPUs)")
+    num_cpus: int = option(0, "local Ray CPUs (0 = all)")
+    progress: bool = option(True, "a progress bar on stderr")
+    vggt_model: str = option("", "VGGT checkpoint (.pt/.safetensors); empty = no feature precompute")
+    vggt_config: str = option("vggt1b", "vggt1b | tiny (tests)")
+    reference_frame: str = option("last", "first | last (the original's training default)")
+    vggt_dtype: str = option("bfloat16", "float32 | bfloat16 | float16 (compute and storage)")
+    vggt_batch_samples: int = option(16, "samples per aggregator call (H200, VGGT-1B: 16 → 7.2 samples/s, 32 → 7.1)")
+    vggt_compile: bool = option(True, "torch.compile the aggregator's blocks when the stage runs on a GPU (+40 %)")
 
     def __post_init__(self) -> None:
         choices = {"executor": ("local", "ray"), "image_mode": ("pad", "crop"), "reference_frame": ("first", "last"),
