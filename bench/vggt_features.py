@@ -3,7 +3,8 @@
 shard rewrite), with random weights of the chosen shape. Prints a markdown table: ms and samples/s per GPU,
 TFLOP/s against a counted FLOP figure, % of the bf16 peak, peak memory, stored bytes per sample.
 
-    python bench/vggt_features.py                                   # VGGT-1B, 9 × 644², on the GPU
+    python bench/vggt_features.py                                   # VGGT-1B, 9 × 644², on the GPU (compiled)
+    python bench/vggt_features.py --no-compile --batch-sizes 16      # eager rows
     python bench/vggt_features.py --shape tiny --size 224 --device cpu --dtype float32 --batch-sizes 2 \\
         --backends sdpa --iters 1 --warmup 0                           # CPU smoke test
 """
@@ -150,7 +151,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--stage-batches", default="", help="samples per call in the stage, comma-separated "
                         "(default: the fastest batched row's)")
     parser.add_argument("--skip-streaming", action="store_true", help="no streaming rows")
-    parser.add_argument("--compile", action="store_true", help="torch.compile every block (train.vggt.compile_blocks)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="torch.compile every block (train.vggt.compile_blocks); default: on a GPU, like the stage")
     parser.add_argument("--peak-tflops", type=float, default=H200_BF16_PEAK_FLOPS / 1e12)
     return parser.parse_args()
 
@@ -173,6 +175,8 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"# VGGT precompute — {datetime.date.today()}, {name}, torch {torch.__version__}, commit {commit()}")
     model = random_model(args.shape, device, dtype)
+    if args.compile is None:
+        args.compile = device.type == "cuda"  # the build stage's default (BuildConfig.vggt_compile)
     if args.compile:
         compile_blocks(model)
     flops = count_flops(model.config, args.frames, args.size)
