@@ -3,7 +3,7 @@
 Why a second pass, not inside `run_task`: CPU tasks (decode, resize, tokenise) stay many and GPU-free, while
 one holder per GPU loads the 1B-parameter aggregator once and batches samples; features come from the
 shard's stored uint8 frames through `train.pixels`, so they match the trainer's input bit for bit. Cost:
-each shard is read and rewritten once (zstd of frames ~5 ms each, of bf16 features ~30 ms per sample), on
+each shard is read and rewritten once (frames copied as stored; zstd of bf16 features ~30 ms per sample), on
 a thread beside the GPU work. The `_tasks` record keeps the checkpoint's sha256: re-runs skip, a new file recomputes.
 """
 from __future__ import annotations
@@ -123,7 +123,7 @@ def warn_if_slow(config: BuildConfig, has_gpu: bool) -> float | None:
 
 
 class _FrameCache:
-    """A shard's frames, each decompressed on first use (by the writer or the feature thread) and kept."""
+    """A shard's frames, each decompressed on first use (by the thread that submits feature work) and kept."""
 
     def __init__(self, packed: dict[str, PackedFrame]):
         self.packed, self.frames = packed, {}
@@ -187,7 +187,7 @@ class FeatureStage:
         # one thread computes features ahead while this one re-encodes frames and compresses features
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vggt")
         try:
-            info = shard_io.write_shard(url, (frames.get(k) for k in packed),
+            info = shard_io.write_shard(url, packed.values(),  # frames keep their stored bytes
                                         self._features_ahead(model, samples, frames, pool), self.config.zstd_level)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)

@@ -253,14 +253,18 @@ def decode_vggt(payload: bytes, ref: MemberRef) -> np.ndarray:
     return features
 
 
-def encode_frame(frame: CompactFrame, compressor: zstandard.ZstdCompressor) -> list[tuple[str, bytes]]:
-    """The frame's members in order: geometry JSON, then zstd raw uint8 HWC pixels."""
+def encode_frame(frame: CompactFrame | PackedFrame, compressor: zstandard.ZstdCompressor) -> list[tuple[str, bytes]]:
+    """The frame's members in order: geometry JSON, then zstd delta-filtered uint8 HWC pixels. A `PackedFrame`
+    (read from a shard) keeps its stored bytes: rewriting a shard never re-encodes its frames."""
     if not KEY_PATTERN.fullmatch(frame.key) or geometry_problem(frame.geometry):
         raise SchemaError(f"frame {frame.key!r}", "key/geometry", "a key [A-Za-z0-9_-]{1,80} and a valid geometry",
                           frame.geometry)
     header = dict(zip(GEOMETRY_FIELDS, (int(v) for v in frame.geometry)))
-    pixels = delta_filter(frame.pixels).tobytes()
-    return [(f"{frame.key}.frame.json", _json_bytes(header)), (f"{frame.key}.rgb.zst", compressor.compress(pixels))]
+    if isinstance(frame, PackedFrame):
+        payload = frame.payload
+    else:
+        payload = compressor.compress(delta_filter(frame.pixels).tobytes())
+    return [(f"{frame.key}.frame.json", _json_bytes(header)), (f"{frame.key}.rgb.zst", payload)]
 
 
 def _feature_width_ok(width: int) -> bool:

@@ -78,9 +78,10 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def write_shard_stream(fileobj: BinaryIO, frames: Iterable[CompactFrame], samples: Iterable[StoredSample],
+def write_shard_stream(fileobj: BinaryIO, frames: Iterable[CompactFrame | PackedFrame], samples: Iterable[StoredSample],
                        zstd_level: int = DEFAULT_ZSTD_LEVEL) -> ShardInfo:
-    """Write one shard to `fileobj`: all frames (each key once), then samples referring to them."""
+    """Write one shard to `fileobj`: all frames (each key once; a PackedFrame's bytes as read), then samples
+    referring to them."""
     out = _HashingWriter(fileobj)
     compressor = zstandard.ZstdCompressor(level=zstd_level, write_checksum=True, write_content_size=True)
     frame_keys: set[str] = set()
@@ -105,7 +106,7 @@ def write_shard_stream(fileobj: BinaryIO, frames: Iterable[CompactFrame], sample
     return ShardInfo(out.num_bytes, out.sha256.hexdigest(), len(frame_keys), len(sample_keys), num_tokens)
 
 
-def write_shard(url: str, frames: Iterable[CompactFrame], samples: Iterable[StoredSample],
+def write_shard(url: str, frames: Iterable[CompactFrame | PackedFrame], samples: Iterable[StoredSample],
                 zstd_level: int = DEFAULT_ZSTD_LEVEL) -> ShardInfo:
     """Write a shard to a local path or fsspec URL atomically: a temporary `.<name>.*.tmp`, then rename/upload."""
     fs, path = url_to_fs(url)

@@ -90,6 +90,20 @@ def test_stored_features_equal_online_vggt(built, tokenizer_dir):
     assert all(np.abs(a - b).max() > 1e-4 for i, a in enumerate(values) for b in values[i + 1:])
 
 
+def test_rewrite_keeps_every_frame_member_byte_for_byte(built, tmp_path, episodes_dir, tokenizer_dir):
+    """The stage copies frames as stored (never re-encodes them): its shards hold exactly the frame members of
+    the same build without features."""
+    config, _ = built
+    plain = config.replace(vggt_model="", output=str(tmp_path / "plain"))
+    build(plain)
+
+    def frame_members(output: str) -> dict[str, tuple]:
+        return {r.key: (r.geometry, r.payload) for name in shard_files(output)
+                for r in shard_io.iter_shard(f"{output}/{name}", lazy_frames=True) if isinstance(r, stored.PackedFrame)}
+    with_features, without = frame_members(config.output), frame_members(plain.output)
+    assert len(with_features) == 4 and with_features == without
+
+
 def test_manifest_carries_the_tags(built):
     config, _ = built
     manifest = shard_io.read_manifest(f"{config.output}/manifest.json")
