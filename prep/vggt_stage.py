@@ -130,7 +130,7 @@ class _FrameCache:
 
     def get(self, key: str) -> CompactFrame:
         frame = self.frames.get(key)
-        return frame if frame is not None else self.frames.setdefault(key, self.packed[key].unpack())
+        return frame if frame is not None else self.frames.setdefault(key, self.packed[key].unpack(row_deltas=True))
 
 
 class FeatureStage:
