@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import tarfile
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -69,7 +70,24 @@ def shard_bytes(frames, samples) -> bytes:
 
 
 def read_bytes(data: bytes, **kwargs) -> list:
-    return list(iter_shard_stream(io.BytesIO(data), URL, **kwargs))
+    """The records of a shard given as bytes, read as a stream (how pipes and remote URLs are read) and as a
+    local file (tarfile's random-access reader): both readers must agree, errors included."""
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / "shard.tar"
+        local.write_bytes(data)
+        with open(local, "rb") as on_disk:
+            for source in (io.BytesIO(data), on_disk):
+                try:
+                    results.append(list(iter_shard_stream(source, URL, **kwargs)))
+                except ShardError as e:
+                    results.append(e)
+    streamed, random_access = results
+    if isinstance(streamed, ShardError) or isinstance(random_access, ShardError):
+        assert str(streamed) == str(random_access), (streamed, random_access)
+        raise streamed
+    assert [(type(r), r.key) for r in streamed] == [(type(r), r.key) for r in random_access]
+    return streamed
 
 
 
