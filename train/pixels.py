@@ -166,9 +166,9 @@ def collate_frames(samples: Sequence[Sequence[CompactFrame]]) -> FrameBatch:
 
 
 def undo_row_deltas(frames: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
-    """Pixels of (F, H, W, 3) uint8 frames whose rows `deltas` (F,) hold left-neighbour differences mod 256
-    (`schemas.stored.delta_filter`): a uint8 cumulative sum along the width, where the frames are (the GPU).
-    Zero padding right of the content stays outside it (the sum only carries rightwards)."""
+    """Pixels of (F, H, W, 3) uint8 frames whose rows flagged in `deltas` (F,) hold left-neighbour differences
+    mod 256 (`schemas.stored.delta_filter`): a uint8 cumulative sum along the width, on the frames' device.
+    The zero padding right of a frame's content turns into copies of its last pixel; only [:h, :w] is read."""
     rows = [i for i, flag in enumerate(deltas.tolist()) if flag]
     if not rows:
         return frames
