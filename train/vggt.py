@@ -158,10 +158,9 @@ class VGGTAggregator(nn.Module):
         `FramePatches`) -> per block (B, S, N, 2C) (only the last run block when `all_blocks` is False)."""
         if not isinstance(frames, FramePatches):
             self._check_frames(frames, 5)
-        b, s = frames.tokens.shape[:2] if isinstance(frames, FramePatches) else frames.shape[:2]
         h, w = frame_size(frames)
         tokens = self.embed_frames(frames, first_is_reference=True)
-        n = tokens.shape[2]
+        b, s, n = tokens.shape[:3]
         rope = self.frame_rope(h, w, tokens.device, tokens.dtype)
         rope_all = (rope[0].repeat(s, 1), rope[1].repeat(s, 1))
         outputs, count = [], self._num_blocks(num_blocks)
