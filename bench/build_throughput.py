@@ -18,6 +18,7 @@ from prep.sample_data import ensure_tokenizer, write_sample_episodes
 from prep.shard_task import text_encoder
 from schemas.config import BuildConfig
 from shards_manifest import shard_io
+from tables import print_metrics  # bench/ (scripts run as `python bench/...`)
 
 
 def stage_breakdown(episodes: Path, model_path: str, num_samples: int = 40) -> dict[str, float]:
@@ -83,8 +84,7 @@ def main() -> None:
         ]
         rows += decode_counts(episodes, manifest.totals.frames)
         rows += [(k, f"{v:.2f}") for k, v in stage_breakdown(episodes, model_path).items()]
-        print("| metric | value |\n|---|---|")
-        print("\n".join(f"| {k} | {v} |" for k, v in rows))
+        print_metrics(rows)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -31,6 +31,7 @@ from schemas.config import BuildConfig
 from train.collate import Collator
 from train.online import OnlineDataset
 from train.stream import ShardStream, StreamConfig
+from tables import print_metrics  # bench/ (scripts run as `python bench/...`)
 
 
 def payload_bytes(batch: dict) -> int:
@@ -141,8 +142,7 @@ def main() -> None:
                 ("most samples of one episode in a 64-sample window: stream", worst_window(epoch)),
                 ("the same for a global random shuffle", worst_window(shuffled)),
                 ("episodes / samples per episode", f"{args.episodes} / {len(epoch) / args.episodes:.1f}")]
-        print("| metric | value |\n|---|---|")
-        print("\n".join(f"| {k} | {v} |" for k, v in rows))
+        print_metrics(rows)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -9,10 +9,11 @@ import argparse
 
 import torch
 
-from loader_throughput import time_loader
+from loader_throughput import Tally, batches_forever, take
 from prep.sample_data import ensure_sample_episodes, ensure_tokenizer
 from train.collate import Collator
 from train.online import OnlineDataset
+from tables import print_metrics  # bench/ (scripts run as `python bench/...`)
 
 
 def main() -> None:
@@ -24,10 +25,11 @@ def main() -> None:
     dataset = OnlineDataset(ensure_sample_episodes(), ensure_tokenizer())
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch, collate_fn=Collator(), shuffle=True,
                                          generator=torch.Generator().manual_seed(0), num_workers=0)
-    seconds, samples, payload = time_loader(loader, args.samples)
-    print("| metric | value |\n|---|---|")
-    print(f"| samples timed | {samples} |\n| online path: samples/s per core | {samples / seconds:.2f} |")
-    print(f"| payload per sample (MB) | {payload / samples / 1e6:.2f} |")
+    batches, tally = batches_forever(loader), Tally()
+    take(batches, args.batch, Tally(), [])  # warm-up, untimed (as in loader_throughput.py)
+    take(batches, args.samples, tally, [])
+    print_metrics([("samples timed", tally.samples), ("online path: samples/s per core", f"{tally.rate:.2f}"),
+                   ("payload per sample (MB)", f"{tally.payload / tally.samples / 1e6:.2f}")])
 
 
 if __name__ == "__main__":

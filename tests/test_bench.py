@@ -34,3 +34,13 @@ def test_worst_window_counts_the_largest_episode_share():
     assert worst_window(ids, window=3) == 2  # (ep0, ep1, ep0) or (ep0, ep0, ep2)
     assert worst_window(ids, window=4) == 3  # (ep0, ep1, ep0, ep0)
     assert worst_window(ids, window=64) == 3  # shorter than the window: the whole list
+
+
+@pytest.mark.parametrize("script", sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "bench").glob("*.py")))
+def test_every_bench_script_resolves_its_imports(script):
+    """Scripts are not run in CI; their imports must still hold (a bench importing a helper another
+    change removed fails here, not on the GPU machine)."""
+    import importlib
+
+    module = importlib.import_module(script)
+    assert callable(getattr(module, "main", None)) or script == "tables"
