@@ -11,6 +11,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tables import print_metrics  # bench/ (scripts run as `python bench/...`)
+
 from prep.build import build
 from prep.episodes import read_samples
 from prep.frames import load_compact_frame, qwen_grid
@@ -18,7 +20,6 @@ from prep.sample_data import ensure_tokenizer, write_sample_episodes
 from prep.shard_task import text_encoder
 from schemas.config import BuildConfig
 from shards_manifest import shard_io
-from tables import print_metrics  # bench/ (scripts run as `python bench/...`)
 
 
 def stage_breakdown(episodes: Path, model_path: str, num_samples: int = 40) -> dict[str, float]:
@@ -35,6 +36,7 @@ def stage_breakdown(episodes: Path, model_path: str, num_samples: int = 40) -> d
         encoder.encode_text(s, [qwen_grid(644, 644)] * len(s.frame_paths))
     text_ms = (time.perf_counter() - start) * 1e3 / len(samples)
     import zstandard
+
     from schemas.stored import delta_filter
     compressor = zstandard.ZstdCompressor(level=1)
     start = time.perf_counter()

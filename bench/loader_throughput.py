@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tables import print_metrics  # bench/ (scripts run as `python bench/...`)
 
 from prep.build import build
 from prep.sample_data import ensure_tokenizer, write_sample_episodes
@@ -31,7 +32,6 @@ from schemas.config import BuildConfig
 from train.collate import Collator
 from train.online import OnlineDataset
 from train.stream import ShardStream, StreamConfig
-from tables import print_metrics  # bench/ (scripts run as `python bench/...`)
 
 
 def payload_bytes(batch: dict) -> int:

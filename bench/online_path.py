@@ -8,12 +8,12 @@ from __future__ import annotations
 import argparse
 
 import torch
-
 from loader_throughput import Tally, batches_forever, take
+from tables import print_metrics  # bench/ (scripts run as `python bench/...`)
+
 from prep.sample_data import ensure_sample_episodes, ensure_tokenizer
 from train.collate import Collator
 from train.online import OnlineDataset
-from tables import print_metrics  # bench/ (scripts run as `python bench/...`)
 
 
 def main() -> None:

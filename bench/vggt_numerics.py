@@ -11,8 +11,10 @@ import argparse
 import copy
 
 import torch
+from vggt_features import (
+    random_model,  # this folder (scripts run as `python bench/...`)
+)
 
-from vggt_features import random_model  # this folder (scripts run as `python bench/...`)
 from train.vggt import compile_blocks, sample_features
 
 
