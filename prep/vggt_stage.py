@@ -184,7 +184,7 @@ class FeatureStage:
             else:  # features of an earlier checkpoint are dropped here, replaced below
                 samples.append(dataclasses.replace(record, vggt_features=None))
         frames = _FrameCache(packed)
-        # one thread computes features ahead while this one re-encodes frames and compresses features
+        # one thread computes features ahead while this one writes the shard (frames as stored) and compresses features
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vggt")
         try:
             info = shard_io.write_shard(url, packed.values(),  # frames keep their stored bytes
