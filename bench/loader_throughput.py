@@ -29,13 +29,9 @@ from tables import print_metrics  # bench/ (scripts run as `python bench/...`)
 from prep.build import build
 from prep.sample_data import ensure_tokenizer, write_sample_episodes
 from schemas.config import BuildConfig
-from train.collate import Collator
+from train.collate import Collator, batch_payload_bytes
 from train.online import OnlineDataset
 from train.stream import ShardStream, StreamConfig
-
-
-def payload_bytes(batch: dict) -> int:
-    return sum(v.numel() * v.element_size() for v in batch.values() if isinstance(v, torch.Tensor))
 
 
 @dataclass
@@ -63,7 +59,7 @@ def take(batches: Iterator[dict], samples: int, tally: Tally, order: list[str]) 
     while count < samples:
         batch = next(batches)
         count += batch["input_ids"].shape[0]
-        tally.payload += payload_bytes(batch)
+        tally.payload += batch_payload_bytes(batch)
         order += batch["sample_id"]
     seconds = time.perf_counter() - start
     tally.seconds, tally.samples = tally.seconds + seconds, tally.samples + count
