@@ -26,14 +26,14 @@ REPO = Path(__file__).resolve().parents[1]
 # for the consolidation); run B is the plain CLI.
 _DRIVER = """
 import logging, sys, torch, deepspeed
-from train.launch import load_config, run
+from train.launch import load_config, run, shutdown_distributed
 logging.basicConfig(level=logging.INFO)
 trainer = run(load_config(sys.argv[1], [a for a in sys.argv[3:] if a != "--set"]))
 params = dict(trainer.model.named_parameters())
 with deepspeed.zero.GatheredParameters(list(params.values())):
     if trainer.args.process_index == 0:
         torch.save({k: v.detach().clone() for k, v in params.items()}, sys.argv[2])
-torch.distributed.destroy_process_group()
+shutdown_distributed(finished=True)
 """
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import faulthandler
 import json
 import logging
 import math
@@ -219,15 +220,28 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s")
+    faulthandler.enable()  # a rank killed by SIGABRT/SIGSEGV prints its Python stack, not just the signal
+    finished = False
     try:
         run(load_config(args.config, args.set))
+        finished = True
     except SchemaError as e:
         logger.error("%s", e)
         return 2
     finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        shutdown_distributed(finished)
     return 0
+
+
+def shutdown_distributed(finished: bool) -> None:
+    """Destroy the process groups. After a finished run, every rank first meets at a barrier, so no rank tears
+    its gloo/NCCL connections down while a peer still has collectives in flight (ZeRO-3 prefetches parameters
+    asynchronously). A rank that failed skips the barrier: its peers may never reach it."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    if finished:
+        torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
