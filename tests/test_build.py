@@ -10,6 +10,7 @@ import pytest
 from prep.build import BuildError, build, parse_args
 from schemas.config import BuildConfig
 from shards_manifest import shard_io
+from shards_manifest.verify import quick_verify
 
 
 @pytest.fixture
@@ -71,6 +72,27 @@ def test_corrupted_shard_is_rebuilt(config):
     summary = build(config)
     assert summary["shards_skipped_already_done"] == 1
     assert shard_bytes(config.output) == first
+
+
+def test_each_shard_is_hashed_once_per_run(config, monkeypatch):
+    """A fresh build hashes the bytes it writes and reads no shard back; a re-run reads each finished shard once
+    (to prove it complete). The post-build check trusts those digests; `shards_manifest verify` re-reads."""
+    read = []
+    real = shard_io.sha256_of
+    monkeypatch.setattr(shard_io, "sha256_of", lambda url, *a, **k: read.append(Path(url).name) or real(url, *a, **k))
+    build(config)
+    assert read == []
+    build(config)
+    assert sorted(read) == ["shard-000000.tar", "shard-000001.tar"]
+    path = Path(config.output, "shard-000001.tar")
+    data = bytearray(path.read_bytes())
+    data[5000] ^= 0xFF  # same size: only a hash can tell
+    path.write_bytes(bytes(data))
+    manifest = shard_io.read_manifest(f"{config.output}/manifest.json")
+    assert quick_verify(config.output, manifest, hashes=False) == []
+    assert quick_verify(config.output, manifest) == [
+        f"shard {config.output}/shard-000001.tar: expected sha256 {manifest.shards[1].sha256} (manifest), "
+        f"found {real(str(path))}"]
 
 
 def test_refuses_other_config_unless_overwrite(config):
