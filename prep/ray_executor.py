@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import logging
 import os
+import uuid
 from collections.abc import Iterator
 
 from prep.plan import ShardTask
 from prep.shard_task import ShardResult, run_task
 from schemas.config import BuildConfig
+from shards_manifest import shard_io
 
 log = logging.getLogger(__name__)
 MAX_RETRIES = 3
@@ -29,10 +31,54 @@ def execute_on_ray(tasks: list[ShardTask], config: BuildConfig, checkpoint_sha25
         kwargs = {"address": address} if address else {"num_cpus": config.num_cpus or None, "include_dashboard": False}
         ray.init(logging_level=logging.WARNING, log_to_driver=False, **kwargs)
     try:
+        check_nodes_see_paths(ray, config)
         yield from _Scheduler(ray, tasks, config, checkpoint_sha256).run()
     finally:
         if started_here:
             ray.shutdown()
+
+
+def check_nodes_see_paths(ray, config: BuildConfig) -> None:
+    """Before any task: one probe per alive node checks that the node sees the input, the tokenizer folder and the
+    output folder as the driver does (a marker file the driver just wrote there), and, on GPU nodes, the VGGT
+    checkpoint. On a multi-node cluster these must be shared storage; a node without them fails here, named, rather
+    than every task failing later on that node."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    fs, root = shard_io.url_to_fs(config.output)
+    name = f".node-probe-{uuid.uuid4().hex}"  # a dot-file, like a shard being written: no reader lists it
+    fs.pipe_file(f"{root.rstrip('/')}/{name}", b"")
+    output = {"output folder": f"{config.output.rstrip('/')}/{name}"}
+    local = {"input": config.input, "tokenizer folder (--model-path)": config.model_path}
+    nodes = [node for node in ray.nodes() if node["Alive"]]
+    any_gpu = any(node["Resources"].get("GPU", 0) for node in nodes)
+    probe = ray.remote(num_cpus=0)(probe_paths)
+    refs = {}
+    for node in nodes:
+        paths = dict(local)
+        if config.vggt_model and (node["Resources"].get("GPU", 0) or not any_gpu):
+            paths["VGGT checkpoint (--vggt-model)"] = config.vggt_model
+        strategy = NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
+        refs[node["NodeManagerAddress"]] = probe.options(scheduling_strategy=strategy).remote(paths, output)
+    try:
+        problems = [f"node {address}: {problem}" for address, ref in refs.items() for problem in ray.get(ref)]
+    finally:
+        fs.rm(f"{root.rstrip('/')}/{name}")
+    if problems:
+        raise FileNotFoundError(f"{len(problems)} path problem(s) on the Ray cluster ({len(nodes)} nodes); input, "
+                                "tokenizer, output and checkpoint must be the same path on every node (shared storage "
+                                "such as NFS, or an fsspec URL like s3:// for the output):\n  " + "\n  ".join(problems))
+    log.info("all %d Ray node(s) see the input, tokenizer and output", len(nodes))
+
+
+def probe_paths(local: dict[str, str], urls: dict[str, str]) -> list[str]:
+    """What this process cannot see: `local` are filesystem paths, `urls` fsspec URLs of files that must exist."""
+    problems = [f"{what} {path} does not exist here" for what, path in local.items() if path and not os.path.exists(path)]
+    for what, url in urls.items():
+        fs, path = shard_io.url_to_fs(url)
+        if not fs.exists(path):
+            problems.append(f"{what}: cannot see {url}, a file the build driver just wrote there")
+    return problems
 
 
 class _Scheduler:

@@ -3,11 +3,13 @@ fsspec output, length rejects and the reject budget."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
 
 from prep.build import BuildError, build, parse_args
+from prep.ray_executor import check_nodes_see_paths, probe_paths
 from schemas.config import BuildConfig
 from shards_manifest import shard_io
 from shards_manifest.verify import quick_verify
@@ -145,3 +147,29 @@ def test_ray_executor_gives_byte_identical_shards(config, tmp_path):
     ray_config = config.replace(output=str(tmp_path / "ray"), executor="ray", num_cpus=2)
     build(ray_config)
     assert shard_bytes(ray_config.output) == shard_bytes(config.output)
+
+
+def test_probe_names_what_a_node_cannot_see(tmp_path):
+    (tmp_path / "marker").write_bytes(b"")
+    assert probe_paths({"input": str(tmp_path), "unset": ""}, {"output folder": str(tmp_path / "marker")}) == []
+    assert probe_paths({"input": str(tmp_path / "nope")}, {"output folder": str(tmp_path / "gone")}) == [
+        f"input {tmp_path / 'nope'} does not exist here",
+        f"output folder: cannot see {tmp_path / 'gone'}, a file the build driver just wrote there"]
+
+
+@pytest.mark.ray
+def test_ray_preflight_probes_every_node_and_cleans_up(config, tmp_path):
+    import ray
+
+    Path(config.output).mkdir(parents=True)
+    ray.init(num_cpus=1, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    try:
+        check_nodes_see_paths(ray, config)
+        address = ray.nodes()[0]["NodeManagerAddress"]
+        missing = tmp_path / "no-tokenizer"
+        with pytest.raises(FileNotFoundError) as error:
+            check_nodes_see_paths(ray, config.replace(model_path=str(missing)))
+    finally:
+        ray.shutdown()
+    assert f"node {address}: tokenizer folder (--model-path) {missing} does not exist here" in str(error.value)
+    assert list(Path(config.output).iterdir()) == []  # the probe's marker is gone, also after a failure
