@@ -1,4 +1,4 @@
-"""`python -m train.consolidate CHECKPOINT_DIR OUT_DIR [--dtype bfloat16] [--include-vggt]`: a sharded ZeRO
+"""`python -m train.consolidate CHECKPOINT_DIR OUT_DIR [--dtype bfloat16] [--include-vggt]`: a sharded ZeRO-2 or -3
 checkpoint (`checkpoint-N/` with `latest` and `global_stepN/`) → a Hugging Face model folder: Qwen2.5-VL's
 `config.json` and weights under Qwen's own names (so `Qwen2_5_VLForConditionalGeneration.from_pretrained`
 loads them), plus `vggt_merger.*` / `action_head.*` and `janus_config.json`; `load_consolidated` rebuilds JanusVLN.
@@ -48,7 +48,9 @@ def consolidate(checkpoint_dir: str | Path, out_dir: str | Path, dtype: torch.dt
         raise SchemaError(str(checkpoint_dir), ", ".join(missing), "a ZeRO checkpoint written by JanusTrainer "
                           "(latest, config.json, janus_config.json)", "missing")
     state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir))
-    state = hf_state_dict(state, include_vggt)
+    # ZeRO-2 checkpoints give frozen parameters as views into larger buffers, which safetensors refuses to write
+    state = {name: tensor if tensor.untyped_storage().nbytes() == tensor.nbytes else tensor.clone()
+             for name, tensor in hf_state_dict(state, include_vggt).items()}
     if dtype is not None:
         state = {name: tensor.to(dtype) for name, tensor in state.items()}
     out_dir.mkdir(parents=True, exist_ok=True)
