@@ -1,33 +1,19 @@
 """The build's bookkeeping around the tasks: output checks, rejects report, manifest, summary table."""
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections import Counter
-from pathlib import Path
 
 from prep.shard_task import TASKS_DIR, ShardResult
 from schemas import SCHEMA_VERSION
-from schemas.config import BuildConfig
+from schemas.config import PROCESSOR_FILES, TOKENIZER_FILES, BuildConfig, files_hash
 from schemas.episode import AMBIGUOUS_SUBINSTRUCTION_MAPPING
 from schemas.manifest import Manifest, ShardRecord, Totals, VggtTags
 from shards_manifest import shard_io
 
 log = logging.getLogger(__name__)
-TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "added_tokens.json",
-                   "special_tokens_map.json")
 CREATED_BY = "vln-shards 0.1.0 prep.build"
-
-
-def files_hash(directory: str, names: tuple[str, ...]) -> str:
-    """sha256 over (name, bytes) of the given files that exist in `directory`."""
-    digest = hashlib.sha256()
-    for name in names:
-        path = Path(directory) / name
-        if path.is_file():
-            digest.update(name.encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()
 
 
 def check_output(config: BuildConfig) -> None:
@@ -72,7 +58,7 @@ def manifest_from_results(config: BuildConfig, results: list[ShardResult], rejec
     return Manifest(
         schema_version=SCHEMA_VERSION, created_by=CREATED_BY, build_config=config.output_dict(),
         build_config_hash=config.output_hash(), tokenizer_hash=files_hash(config.model_path, TOKENIZER_FILES),
-        processor_hash=files_hash(config.model_path, ("preprocessor_config.json",)), image_mode=config.image_mode,
+        processor_hash=files_hash(config.model_path, PROCESSOR_FILES), image_mode=config.image_mode,
         max_history_images=config.max_history_images, vggt=vggt, shards=shards, totals=totals,
         rejects_by_reason=dict(sorted(Counter(r["reason"] for r in rejects).items())),
         episode_flags={AMBIGUOUS_SUBINSTRUCTION_MAPPING: ambiguous} if ambiguous else {})

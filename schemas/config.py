@@ -1,11 +1,13 @@
 """Build configuration: one frozen, validated dataclass; a config file plus CLI overrides produce it.
 
-`output_hash()` covers exactly the fields that change shard bytes, so a re-run with another executor or
-output path is recognised as the same build and a changed tokenizer/image mode is refused.
+`output_hash()` is the build's identity: the fields that shape the shards plus the bytes of the tokenizer and
+preprocessor files. A re-run with another executor, output path or a moved model folder is the same build;
+changed tokenizer files (even at the same path) or another image mode make another build, which is refused.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, fields
@@ -16,6 +18,37 @@ from schemas.errors import SchemaError
 
 # Fields that do not influence the shards' contents.
 _RUNTIME_FIELDS = {"output", "executor", "ray_address", "overwrite", "max_in_flight", "num_cpus", "progress"}
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "added_tokens.json",
+                   "special_tokens_map.json")
+PROCESSOR_FILES = ("preprocessor_config.json",)
+
+
+def files_hash(directory: str, names: tuple[str, ...]) -> str:
+    """sha256 over (name, bytes) of the given files that exist in `directory`."""
+    digest = hashlib.sha256()
+    for name in names:
+        path = Path(directory) / name
+        if path.is_file():
+            digest.update(name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def _model_files_hash(directory: str) -> str:
+    """files_hash of the tokenizer and preprocessor files, recomputed only when one of them changes (stat)."""
+    names = TOKENIZER_FILES + PROCESSOR_FILES
+    stats = []
+    for name in names:
+        try:
+            info = (Path(directory) / name).stat()
+            stats.append((name, info.st_size, info.st_mtime_ns, info.st_ino))
+        except OSError:
+            stats.append((name, None))
+    return _cached_files_hash(directory, names, tuple(stats))
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_files_hash(directory: str, names: tuple[str, ...], stats: tuple) -> str:
+    return files_hash(directory, names)
 
 
 def option(default: Any, help: str) -> Any:
@@ -103,7 +136,11 @@ class BuildConfig:
         return {k: v for k, v in self.to_dict().items() if k not in _RUNTIME_FIELDS}
 
     def output_hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.output_dict(), sort_keys=True).encode()).hexdigest()
+        """The build's identity (module docstring): output_dict without the model folder's path, plus the sha256
+        of the tokenizer and preprocessor files in it."""
+        values = {k: v for k, v in self.output_dict().items() if k != "model_path"}
+        values["model_files_sha256"] = _model_files_hash(self.model_path)
+        return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
 
     def replace(self, **changes: Any) -> "BuildConfig":
         return dataclasses.replace(self, **changes)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
 
 from prep.build import BuildError, build, parse_args
 from prep.ray_executor import check_nodes_see_paths, probe_paths
-from schemas.config import BuildConfig
+from schemas.config import TOKENIZER_FILES, BuildConfig, files_hash
 from shards_manifest import shard_io
 from shards_manifest.verify import quick_verify
 
@@ -104,6 +105,25 @@ def test_refuses_other_config_unless_overwrite(config):
         build(other)
     build(other.replace(overwrite=True))
     assert shard_io.read_manifest(f"{config.output}/manifest.json").image_mode == "crop"
+
+
+def test_tokenizer_identity_is_its_files_not_its_path(config, tmp_path):
+    """A moved tokenizer folder is the same build (shards skipped); changed tokenizer files at the same path are
+    another build: refused, and never mixed with shards made by the old tokenizer."""
+    moved = tmp_path / "tokenizer"
+    shutil.copytree(config.model_path, moved)
+    build(config)
+    summary = build(config.replace(model_path=str(moved)))
+    assert summary["shards_skipped_already_done"] == 2
+    settings = json.loads((moved / "tokenizer_config.json").read_text())
+    settings["model_max_length"] = 1234  # same vocabulary, different file
+    (moved / "tokenizer_config.json").write_text(json.dumps(settings))
+    with pytest.raises(FileExistsError, match="another configuration"):
+        build(config.replace(model_path=str(moved)))
+    summary = build(config.replace(model_path=str(moved), overwrite=True))
+    assert summary["shards_skipped_already_done"] == 0
+    manifest = shard_io.read_manifest(f"{config.output}/manifest.json")
+    assert manifest.tokenizer_hash == files_hash(str(moved), TOKENIZER_FILES)
 
 
 def test_memory_filesystem_output_matches_local(config):
