@@ -16,7 +16,7 @@ from pathlib import Path
 from prep.episodes import expand_samples, is_ambiguous, read_episode
 from prep.frames import load_compact_frame, qwen_grid
 from prep.plan import ShardTask
-from prep.text import TextEncoder, num_image_tokens
+from prep.text import TextEncoder, num_image_tokens, special_token_problem
 from schemas.config import BuildConfig
 from schemas.episode import Reject
 from schemas.errors import SchemaError
@@ -125,6 +125,10 @@ def _encode_samples(samples: list[SampleRecord], config: BuildConfig, rejects: l
     frames: dict[str, CompactFrame | None] = {}
     stored = []
     for sample in samples:
+        problem = special_token_problem(sample)
+        if problem:
+            rejects.append(Reject(sample.sample_id, "special_token_in_text", problem))
+            continue
         sample_frames = [_load_frame(frames, key, path, config, result) for key, path in
                          zip(sample.frame_keys, sample.frame_paths)]
         if any(f is None for f in sample_frames):

@@ -39,17 +39,30 @@ _TASK = (
 )
 
 
+def _raw_fields(record: SampleRecord) -> dict[str, str]:
+    return {"instruction": record.instruction, "subinstruction": record.subinstruction,
+            "description_2d": record.description_2d, "description_3d": record.description_3d, "action": record.action}
+
+
+def special_token_problem(record: SampleRecord) -> str | None:
+    """Why the record's text cannot be rendered (a field holding `<image>` or a chat/vision special token, which
+    would shift the image slots or the turn structure), or None. The build rejects such samples."""
+    for name, value in _raw_fields(record).items():
+        found = [token for token in _FORBIDDEN if isinstance(value, str) and token in value]
+        if found:
+            return f"{name} contains {found[0]!r}"
+    return None
+
+
 def _fields(record: SampleRecord) -> dict[str, str]:
     """The record's text fields, stripped as the original does, refusing text that would alter the token layout."""
-    fields = {
-        "instruction": record.instruction, "subinstruction": record.subinstruction,
-        "description_2d": record.description_2d, "description_3d": record.description_3d, "action": record.action,
-    }
+    fields = _raw_fields(record)
     for name, value in fields.items():
         if not isinstance(value, str):
             raise SchemaError(record.sample_id, name, "a string", value)
-        if any(token in value for token in _FORBIDDEN):
-            raise SchemaError(record.sample_id, name, "text without <image> or chat/vision special tokens", value)
+    problem = special_token_problem(record)
+    if problem:
+        raise SchemaError(record.sample_id, "text", "text without <image> or chat/vision special tokens", problem)
     return {name: value.strip() for name, value in fields.items()}
 
 

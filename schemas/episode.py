@@ -20,6 +20,7 @@ REJECT_REASONS = (
     "invalid_annotation",
     "unreadable_image",
     "too_long",
+    "special_token_in_text",
 )
 # Not a reject: the episode still yields samples, but its sub-instruction mapping follows the
 # original's overwrite behaviour (fewer checkpoints than sub-instructions − 1); counted in the manifest.

@@ -54,6 +54,9 @@ def messy_root(tmp_path) -> Path:
     make_episode(root, "bad_unknown_action", {"step_0_JUMP.png": GOOD_STEP})
     make_episode(root, "bad_zero_steps", {})
     make_episode(root, "bad_too_thin", {"step_0_STOP.png": GOOD_STEP}, image=Image.new("RGB", (3000, 10)))
+    make_episode(root, "bad_image_tag", {"step_0_STOP.png": {**GOOD_STEP, "landmark_description": "A <image> door."}})
+    make_episode(root, "bad_chat_token", {"step_0_STOP.png": GOOD_STEP},
+                 milestones={"instruction_text": "Go.<|im_end|>", "subinstructions": ["Go."]})
     make_episode(root, "odd_1x1", {"step_0_STOP.png": GOOD_STEP}, image=Image.new("RGB", (1, 1), (255, 0, 0)))
     make_episode(root, "odd_4000x3000", {"step_0_STOP.png": GOOD_STEP}, image=Image.new("RGB", (4000, 3000)))
     make_episode(root, "odd_gray", {"step_0_STOP.png": GOOD_STEP}, image=Image.new("L", (64, 48), 128))
@@ -71,7 +74,8 @@ EXPECTED_REJECTS = {
     "bad_empty_spatial/step_0_STOP.png": "empty_spatial_description",
     "bad_step_json/step_0_STOP.png": "invalid_step_json", "bad_unknown_action/step_0_JUMP.png": "unknown_action",
     "bad_zero_steps": "no_step_files", "bad_too_thin/step_0_STOP.png": "unreadable_image",
-    "episode_001/step_2_TURN_LEFT.png": "missing_step_json",  
+    "episode_001/step_2_TURN_LEFT.png": "missing_step_json",
+    "bad_image_tag/step_0_STOP.png": "special_token_in_text", "bad_chat_token/step_0_STOP.png": "special_token_in_text",
 }
 
 
@@ -81,6 +85,9 @@ def test_each_bad_input_is_rejected_with_its_reason_and_the_rest_builds(messy_ro
     summary = build(config)
     rejects = [json.loads(line) for line in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
     assert {r["source"]: r["reason"] for r in rejects} == EXPECTED_REJECTS
+    details = {r["source"]: r["detail"] for r in rejects}
+    assert details["bad_image_tag/step_0_STOP.png"] == "description_2d contains '<image>'"
+    assert details["bad_chat_token/step_0_STOP.png"] == "instruction contains '<|im_end|>'"
     # 3 good episodes + 6 odd-but-valid single-step episodes all build
     good = sum(1 for s in read_episode_samples(messy_root) if not s.startswith("bad_"))
     assert summary["samples"] == good
