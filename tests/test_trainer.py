@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ from schemas.config import BuildConfig
 from schemas.errors import SchemaError
 from train.callbacks import StepLogCallback, load_loader_state, save_loader_state
 from train.collate import BOOKKEEPING_KEYS, Collator
-from train.launch import build_dataset, load_config, run, training_arguments
+from train.launch import build_dataset, expected_build, load_config, run, training_arguments
 from train.loss import LossConfig, compute_loss, summarize
 from train.model import JanusConfig, JanusVLN
 from train.pixels import PixelDecoder
@@ -150,3 +151,19 @@ def test_loader_state_round_trip_and_missing_state_is_an_error(tmp_path):
     assert restored.state == {"epoch": 2, "consumed": [3, 4]}
     with pytest.raises(SchemaError, match="loader_state_rank0.json"):
         load_loader_state(restored, tmp_path / "checkpoint-7", rank=0)
+
+
+def test_build_tokenizer_is_checked_against_model_qwen(manifest, tokenizer_dir, tmp_path, caplog):
+    qwen = tmp_path / "Qwen2.5-VL"
+    shutil.copytree(tokenizer_dir, qwen)
+    data = {"manifest": manifest, "expect": {"max_history_images": 1}}
+    expected = expected_build(data, {"qwen": str(qwen)})
+    assert expected == {"max_history_images": 1, "tokenizer_hash": json.loads(Path(manifest).read_text())["tokenizer_hash"]}
+    ShardStream(manifest, StreamConfig(), expected=expected)  # the same files elsewhere: accepted
+    (qwen / "merges.txt").write_text((qwen / "merges.txt").read_text() + "x y\n")
+    with pytest.raises(SchemaError, match="tokenizer_hash="):
+        ShardStream(manifest, StreamConfig(), expected=expected_build(data, {"qwen": str(qwen)}))
+    weights_only = tmp_path / "weights-only"
+    weights_only.mkdir()
+    assert expected_build({"manifest": manifest}, {"qwen": str(weights_only)}) is None
+    assert "has no tokenizer files" in caplog.text

@@ -24,7 +24,7 @@ import yaml
 from torch import nn
 from transformers import TrainingArguments, set_seed
 
-from schemas.config import read_config_file
+from schemas.config import TOKENIZER_FILES, files_hash, read_config_file
 from schemas.errors import SchemaError
 from schemas.manifest import check_vggt_tags, read_manifest
 from train.callbacks import LoaderStateCallback, StepLogCallback
@@ -120,6 +120,20 @@ def check_precomputed_features(manifest_url: str, model: dict[str, Any]) -> None
     check_vggt_tags(manifest, expected, where=manifest_url)
 
 
+def expected_build(data: dict[str, Any], model: dict[str, Any]) -> dict[str, Any] | None:
+    """`data.expect`, plus the sha256 of `model.qwen`'s tokenizer files unless `expect` names `tokenizer_hash`:
+    shards tokenised by another tokenizer are refused at start (the hash is over the files' bytes, as the build's)."""
+    expected = dict(data.get("expect") or {})
+    qwen = model.get("qwen")
+    if qwen and "tokenizer_hash" not in expected:
+        if any((Path(qwen) / name).is_file() for name in TOKENIZER_FILES):
+            expected["tokenizer_hash"] = files_hash(qwen, TOKENIZER_FILES)
+        else:
+            logger.warning("model.qwen %s has no tokenizer files (%s): the build's tokenizer is not checked", qwen,
+                           ", ".join(TOKENIZER_FILES))
+    return expected or None
+
+
 def build_dataset(section: dict[str, Any], training: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     """(dataset, derived values). The shard stream splits by rank (from $RANK/$WORLD_SIZE, set by torchrun and
     deepspeed) and worker itself; every worker yields a multiple of batch × grad_accum samples, so every rank
@@ -184,6 +198,7 @@ def run(config: dict[str, Any], model: nn.Module | None = None) -> JanusTrainer:
     data = dict(config.get("data") or {})
     if data.get("manifest"):
         check_precomputed_features(data["manifest"], dict(config.get("model") or {}))
+        data["expect"] = expected_build(data, dict(config.get("model") or {}))
     dataset, info = build_dataset(data, training)
     args = training_arguments(training, config.get("deepspeed"), info)
     if args.n_gpu > 1:
