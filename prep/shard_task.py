@@ -1,7 +1,8 @@
 """`run_task`: the one function an executor runs — episodes in, one shard + a small result record out.
 
 Each unique frame is decoded, resized and stored once per shard, however many samples use it as
-history (a frame serves up to 9 samples: per-sample storage would cost ~9× the bytes). Idempotent: a
+history (an episode's first frame serves all its samples, the others up to ~23 in a 70-step episode; per-sample
+storage would cost ~9× the bytes). Idempotent: a
 shard whose sidecar record matches the file's sha256 and the build's config hash is not rebuilt.
 """
 from __future__ import annotations

@@ -39,7 +39,7 @@ H200_SAMPLES_PER_S = 7.9  # the build stage on one H200, compiled, 16 per call (
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MODEL_CONFIGS = {"vggt1b": vggt1b, "tiny": tiny_config}
 PATCH_EMBED_CHUNK = 32  # frames per patch-embed call (DINOv2-L on 32 × 644²: ~2 GiB of activations)
-AHEAD_SAMPLES = 32  # features computed ahead of the writer: ≤ 32 × 8.7 MB (bfloat16) of host memory
+AHEAD_SAMPLES = 32  # computed ahead of the writer: max(2, 32 // vggt_batch_samples) calls, each ~8.7 MB/sample (bf16)
 
 
 def file_sha256(path: str | Path, chunk_bytes: int = 1 << 24) -> str:
@@ -202,7 +202,7 @@ class FeatureStage:
     def _features_ahead(self, model: VGGTAggregator, samples: list[StoredSample], frames: _FrameCache,
                         pool: ThreadPoolExecutor) -> Iterator[StoredSample]:
         """The samples in stored order with features, computed `vggt_batch_samples` at a time on `pool`; the first
-        batches are submitted now, before the writer asks, and up to AHEAD_SAMPLES stay in flight."""
+        batches are submitted now, before the writer asks, and max(2, AHEAD_SAMPLES // vggt_batch_samples) stay in flight."""
         size = self.config.vggt_batch_samples
         batches = [samples[i:i + size] for i in range(0, len(samples), size)]
         ahead = max(2, AHEAD_SAMPLES // size)

@@ -70,7 +70,7 @@ class BuildConfig:
     zstd_level: int = option(1, "zstd level of frames and tokens; on delta-filtered frames 1 is faster and smaller than 3 (LOG.md)")
     limit: int = option(0, "number of episodes (0 = all)")
     max_length: int = option(8192, "samples longer than this are rejected, never truncated")
-    max_reject_fraction: float = option(0.05, "fail the build when more than this fraction of samples is rejected (rejects.jsonl says why)")
+    max_reject_fraction: float = option(0.05, "fail the build when rejects ÷ (rejects + samples) exceeds this; an episode-level reject counts once (rejects.jsonl says why)")
     seed: int = option(0, "order of the samples inside each shard")
     overwrite: bool = option(False, "replace an output folder that holds a different build (else refused)")
     max_in_flight: int = option(0, "Ray tasks in flight (0 = 2 × cluster CPUs)")

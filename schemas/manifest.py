@@ -89,7 +89,8 @@ class ShardRecord:
 
 @dataclass(frozen=True)
 class VggtTags:
-    """Identity of precomputed VGGT features; the loader refuses features whose tags differ from its config."""
+    """Identity of precomputed VGGT features; `train.launch` refuses a build whose reference frame (and checkpoint
+    sha256, when the model config names the checkpoint) differs from the model config."""
 
     checkpoint_sha256: str
     reference_frame: str

@@ -1,4 +1,5 @@
-"""Collator: per-sample dicts (shard stream or online path) → one CPU batch of ints and uint8 only.
+"""Collator: per-sample dicts (shard stream or online path) → one CPU batch of ints and uint8 (plus precomputed
+VGGT features, float as stored, when the samples carry them).
 
 Text is right-padded, frames go through `train.pixels.collate_frames` (each unique frame once per batch,
 uint8: ~0.9 MB per 640×480 frame instead of ~15 MB of float32 per image), and the stream's bookkeeping
