@@ -288,6 +288,11 @@ def test_resume_without_workers_and_refusals(manifest):
         ShardStream(manifest, StreamConfig(seed=4)).load_state_dict(state)
     with pytest.raises(SchemaError, match="world_size"):
         ShardStream(manifest, StreamConfig(seed=3), rank=0, world_size=2).load_state_dict(state)
+    # the sample order depends on these too: replaying the counts against another order would repeat and skip
+    with pytest.raises(SchemaError, match="num_open_shards"):
+        ShardStream(manifest, StreamConfig(seed=3, num_open_shards=2)).load_state_dict(state)
+    with pytest.raises(SchemaError, match="mix"):
+        ShardStream(manifest, StreamConfig(seed=3, mix="sequential")).load_state_dict(state)
 
 
 # ---------------------------------------------------------------- sources
@@ -297,6 +302,7 @@ def test_manifest_brace_pattern_and_pipe_sources_agree(shards, manifest):
     pattern = str(Path(shards[0]).parent / f"shard-{{000000..{len(shards) - 1:06d}}}.tar")
     assert _ids(ShardStream(pattern, config), 0) == want
     assert _ids(ShardStream(manifest, config), 0) == want
+    assert _ids(ShardStream(str(Path(manifest).parent), config), 0) == want  # the build folder
     assert _ids(ShardStream([f"pipe:cat {u}" for u in shards], config), 0) == want
     assert ShardStream(manifest, config).counts == list(COUNTS)
 

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 MAX_SLOTS = 256  # loader workers per rank that a resume state can describe
 _SHARED = {"epoch": 0, "resume_epoch": 1, "next_slot": 2, "num_slots": 3}  # + consumed per slot from index 4
-STATE_FORMAT = 1
+STATE_FORMAT = 2  # 2: num_open_shards and mix are part of the identity
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,12 @@ def count_samples(url: str, max_length: int = MAX_SEQUENCE_LENGTH) -> int:
 
 
 def resolve_source(source: str | Sequence[str], expected: dict | None, max_length: int) -> tuple[list[str], list[int]]:
-    """(shard URLs, samples per shard) from a manifest path/URL (`*.json`) or shard URLs/patterns (counted by reading)."""
+    """(shard URLs, samples per shard) from a manifest path/URL (`*.json`, or the build folder holding
+    `manifest.json`) or shard URLs/patterns (counted by reading)."""
+    if isinstance(source, str) and not source.endswith(".json") and "{" not in source and not source.startswith("pipe:"):
+        fs, path = fsspec.core.url_to_fs(source)
+        if fs.isdir(path):
+            source = source.rstrip("/") + "/manifest.json"
     if isinstance(source, str) and source.endswith(".json"):
         manifest = read_manifest(source)
         if expected is not None:
@@ -288,8 +293,10 @@ class ShardStream(torch.utils.data.IterableDataset):
     def _identity(self) -> dict[str, Any]:
         names = [url.rsplit("/", 1)[-1] for url in self.urls]  # not the folder: shards may move between runs
         digest = hashlib.sha256(repr(list(zip(names, self.counts))).encode()).hexdigest()[:16]
+        # Everything the sample order depends on: resume replays the consumed counts against that order
         return {"format": STATE_FORMAT, "seed": self.config.seed, "rank": self.rank, "world_size": self.world_size,
-                "batch_size": self.config.batch_size, "num_samples": self.num_samples, "shards_digest": digest}
+                "batch_size": self.config.batch_size, "num_open_shards": self.config.num_open_shards,
+                "mix": self.config.mix, "num_samples": self.num_samples, "shards_digest": digest}
 
     def state_dict(self) -> dict[str, Any]:
         """This rank's position (save one per rank next to the checkpoint)."""
