@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 from tqdm import tqdm
 
-from prep.build_report import check_output, manifest_from_results, print_summary, write_rejects
+from prep.build_report import check_output, manifest_from_results, print_summary, remove_stale_shards, write_rejects
 from prep.plan import plan_shards
 from prep.shard_task import ShardResult, run_task
 from schemas.config import BuildConfig
@@ -33,6 +33,10 @@ def build(config: BuildConfig) -> dict:
     """Run a whole build; returns the summary dict. Raises BuildError past the allowed reject fraction."""
     tasks, input_rejects = plan_shards(config)
     check_output(config)
+    manifest_url = f"{config.output.rstrip('/')}/manifest.json"
+    fs, manifest_path = shard_io.url_to_fs(manifest_url)
+    if fs.exists(manifest_path):  # a manifest describes a finished build: this one is not, until it ends
+        fs.rm(manifest_path)
     checkpoint_sha256 = _checkpoint_sha256(config)
     results_iter = _execute(tasks, config, checkpoint_sha256)
     results = _collect_with_progress(results_iter, len(tasks), config.progress)
@@ -47,13 +51,15 @@ def build(config: BuildConfig) -> dict:
         raise BuildError(f"{len(rejects)} of {len(rejects) + num_samples} inputs rejected ({fraction:.1%}), more than "
                          f"max_reject_fraction {config.max_reject_fraction:.1%}; by reason: {dict(by_reason)}; "
                          f"see {config.output}/rejects.jsonl. No manifest was written.")
-    shard_io.write_manifest(f"{config.output.rstrip('/')}/manifest.json", manifest)
-    # Listing, sizes and totals only: every shard's sha256 was just computed by its task, from the bytes as they
-    # were written or, for a skipped shard, read back. Re-hashing here would re-read the whole build through
-    # this one process; `python -m shards_manifest verify` does that on demand.
+    remove_stale_shards(config, {t.name for t in tasks}, {r.name for r in results if r.samples})
+    # Before the manifest is written. Listing, sizes and totals only: every shard's sha256 was just computed by its
+    # task, from the bytes as they were written or, for a skipped shard, read back. Re-hashing here would re-read
+    # the whole build through this one process; `python -m shards_manifest verify` does that on demand.
     problems = quick_verify(config.output, manifest, hashes=False)
     if problems:
-        raise BuildError("quick verify failed after the build:\n" + "\n".join(problems))
+        raise BuildError("the build's shards do not match its manifest; no manifest was written:\n"
+                         + "\n".join(problems))
+    shard_io.write_manifest(manifest_url, manifest)
     return print_summary(config, results, rejects, manifest)
 
 

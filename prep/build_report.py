@@ -3,17 +3,20 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections import Counter
 
-from prep.shard_task import TASKS_DIR, ShardResult
+from prep.shard_task import TASKS_DIR, ShardResult, read_task_record
 from schemas import SCHEMA_VERSION
 from schemas.config import PROCESSOR_FILES, TOKENIZER_FILES, BuildConfig, files_hash
 from schemas.episode import AMBIGUOUS_SUBINSTRUCTION_MAPPING
+from schemas.errors import SchemaError
 from schemas.manifest import Manifest, ShardRecord, Totals, VggtTags
 from shards_manifest import shard_io
 
 log = logging.getLogger(__name__)
 CREATED_BY = "vln-shards 0.1.0 prep.build"
+SHARD_FILE = re.compile(r"shard-\d{6}\.tar")
 
 
 def check_output(config: BuildConfig) -> None:
@@ -22,10 +25,18 @@ def check_output(config: BuildConfig) -> None:
     root = root.rstrip("/")
     hashes = set()
     if fs.exists(f"{root}/manifest.json"):
-        hashes.add(shard_io.read_manifest(f"{config.output.rstrip('/')}/manifest.json").build_config_hash)
+        try:
+            hashes.add(shard_io.read_manifest(f"{config.output.rstrip('/')}/manifest.json").build_config_hash)
+        except SchemaError as e:
+            if not config.overwrite:
+                raise FileExistsError(f"{config.output}/manifest.json is unreadable ({e}); use --overwrite to "
+                                      "replace the build there or choose another --output") from e
+            hashes.add("unreadable manifest")
     if fs.exists(f"{root}/{TASKS_DIR}"):
         for path in fs.ls(f"{root}/{TASKS_DIR}", detail=False):
-            hashes.add(json.loads(fs.cat_file(path))["config_hash"])
+            record = read_task_record(fs, path) if path.endswith(".json") else None
+            if record is not None:  # unreadable records only mean "not finished"
+                hashes.add(record.config_hash)
     foreign = hashes - {config.output_hash()}
     if foreign and not config.overwrite:
         raise FileExistsError(f"{config.output} holds a build with another configuration (config hash "
@@ -38,6 +49,24 @@ def check_output(config: BuildConfig) -> None:
             if name.startswith("shard-") or name in ("manifest.json", "rejects.jsonl", TASKS_DIR):
                 fs.rm(path, recursive=True)
     fs.makedirs(root, exist_ok=True)
+
+
+def remove_stale_shards(config: BuildConfig, planned: set[str], written: set[str]) -> list[str]:
+    """Remove shards this run did not produce (left by an earlier run of this build over an input that has since
+    lost episodes, or whose samples are now all rejected), and the records of tasks no longer planned. Every
+    remaining `shard-*.tar` is then one the manifest lists. Returns the removed shard names."""
+    fs, root = shard_io.url_to_fs(config.output)
+    root = root.rstrip("/")
+    stale = sorted(name for name in (p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False))
+                   if SHARD_FILE.fullmatch(name) and name not in written)
+    for name in stale:
+        fs.rm(f"{root}/{name}")
+        if name not in planned and fs.exists(f"{root}/{TASKS_DIR}/{name}.json"):
+            fs.rm(f"{root}/{TASKS_DIR}/{name}.json")
+    if stale:
+        log.warning("removed %d shard(s) that this build no longer produces (the input changed since an earlier run): "
+                    "%s", len(stale), ", ".join(stale[:5]) + (" …" if len(stale) > 5 else ""))
+    return stale
 
 
 def write_rejects(config: BuildConfig, rejects: list[dict]) -> None:

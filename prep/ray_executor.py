@@ -7,6 +7,7 @@ With a VGGT checkpoint each finished shard goes to one of a fixed set of feature
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import uuid
@@ -73,7 +74,8 @@ def check_nodes_see_paths(ray, config: BuildConfig) -> None:
 
 def probe_paths(local: dict[str, str], urls: dict[str, str]) -> list[str]:
     """What this process cannot see: `local` are filesystem paths, `urls` fsspec URLs of files that must exist."""
-    problems = [f"{what} {path} does not exist here" for what, path in local.items() if path and not os.path.exists(path)]
+    problems = [f"{what} {path} does not exist here" for what, path in local.items()
+                if path and not os.path.exists(path)]
     for what, url in urls.items():
         fs, path = shard_io.url_to_fs(url)
         if not fs.exists(path):
@@ -105,6 +107,8 @@ class _Scheduler:
                 self.idle.append(actor)
             if actor is None and self._needs_features(result):
                 self.waiting.append(result)
+            elif actor is None and self.checkpoint_sha256 and result.samples:
+                yield dataclasses.replace(result, vggt_skipped=True)  # already holds this checkpoint's features
             else:
                 yield result
 

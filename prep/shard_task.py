@@ -2,12 +2,16 @@
 
 Each unique frame is decoded, resized and stored once per shard, however many samples use it as
 history (an episode's first frame serves all its samples, the others up to ~23 in a 70-step episode; per-sample
-storage would cost ~9× the bytes). Idempotent: a
-shard whose sidecar record matches the file's sha256 and the build's config hash is not rebuilt.
+storage would cost ~9× the bytes). Idempotent: a shard whose sidecar record matches the file's sha256, the
+build's config hash and the task's inputs (its episode folders' file names and sizes, or its annotation records)
+is not rebuilt.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -21,10 +25,12 @@ from prep.text import TextEncoder, num_image_tokens, special_token_problem
 from schemas.config import BuildConfig
 from schemas.episode import Reject
 from schemas.errors import SchemaError
+from schemas.manifest import write_bytes_atomic
 from schemas.sample import CompactFrame, SampleRecord
 from shards_manifest import shard_io
 from shards_manifest.shard_io import StoredSample
 
+log = logging.getLogger(__name__)
 TASKS_DIR = "_tasks"  # per-shard completion records (JSON) of an unfinished or finished build
 
 
@@ -35,6 +41,7 @@ class ShardResult:
     index: int
     name: str
     config_hash: str
+    inputs_hash: str = ""  # task_inputs_hash of the task that wrote the shard
     episodes: int = 0
     samples: int = 0
     frames: int = 0
@@ -64,11 +71,12 @@ def run_task(task: ShardTask, config: BuildConfig) -> ShardResult:
     """Build one shard (or return the record of an already finished one)."""
     fs, root = shard_io.url_to_fs(config.output)
     record_path = f"{root}/{TASKS_DIR}/{task.name}.json"
-    done = _finished_result(fs, root, record_path, task, config)
+    inputs_hash = task_inputs_hash(task)
+    done = _finished_result(fs, record_path, task, config, inputs_hash)
     if done is not None:
         return done
     start = time.perf_counter()
-    result = ShardResult(task.index, task.name, config.output_hash())
+    result = ShardResult(task.index, task.name, config.output_hash(), inputs_hash)
     samples, rejects = _collect_samples(task, config, result)
     frames, stored = _encode_samples(samples, config, rejects, result)
     random.Random(config.seed * 1_000_003 + task.index).shuffle(stored)  # mix episodes inside the shard
@@ -82,19 +90,40 @@ def run_task(task: ShardTask, config: BuildConfig) -> ShardResult:
     return result
 
 
+def task_inputs_hash(task: ShardTask) -> str:
+    """What the task reads: its episode folders in order, each with its files' names and sizes (a listing, no
+    reads), or its annotation records. Re-planning after episodes were added or removed moves episodes between
+    tasks; a finished shard whose task now has other inputs is rebuilt, never reused."""
+    digest = hashlib.sha256()
+    for folder in task.episode_paths:
+        with os.scandir(folder) as entries:
+            listing = sorted((e.name, e.stat().st_size) for e in entries if e.is_file())
+        digest.update(json.dumps([folder, listing]).encode())
+    for sample in task.samples:
+        digest.update(json.dumps(asdict(sample), sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
 def write_task_record(config: BuildConfig, result: ShardResult) -> None:
-    """Written after the shard: its presence (with the shard's sha256) means "finished"."""
-    fs, root = shard_io.url_to_fs(config.output)
-    fs.makedirs(f"{root}/{TASKS_DIR}", exist_ok=True)
-    with fs.open(f"{root}/{TASKS_DIR}/{result.name}.json", "w") as f:
-        f.write(result.to_json())
+    """Written after the shard, atomically: its presence (with the shard's sha256) means "finished"."""
+    write_bytes_atomic(f"{config.output.rstrip('/')}/{TASKS_DIR}/{result.name}.json", result.to_json().encode())
 
 
-def _finished_result(fs, root: str, record_path: str, task: ShardTask, config: BuildConfig) -> ShardResult | None:
+def read_task_record(fs, record_path: str) -> ShardResult | None:
+    """The record at `record_path`, or None when it is absent or unreadable (then the task runs again)."""
     if not fs.exists(record_path):
         return None
-    result = ShardResult(**json.loads(fs.cat_file(record_path)))
-    if result.config_hash != config.output_hash():
+    try:
+        return ShardResult(**json.loads(fs.cat_file(record_path)))
+    except (ValueError, TypeError) as e:
+        log.warning("task record %s is unreadable (%s): its shard will be rebuilt", record_path, e)
+        return None
+
+
+def _finished_result(fs, record_path: str, task: ShardTask, config: BuildConfig,
+                     inputs_hash: str) -> ShardResult | None:
+    result = read_task_record(fs, record_path)
+    if result is None or result.config_hash != config.output_hash() or result.inputs_hash != inputs_hash:
         return None
     if result.samples and shard_io.sha256_of(f"{config.output.rstrip('/')}/{task.name}") != result.sha256:
         return None

@@ -18,6 +18,9 @@ from schemas.errors import SchemaError
 
 # Fields that do not influence the shards' contents.
 _RUNTIME_FIELDS = {"output", "executor", "ray_address", "overwrite", "max_in_flight", "num_cpus", "progress"}
+# Recorded in the manifest, but not part of the build's identity: paths whose contents are hashed instead, the
+# reject budget (decides whether a manifest is written, not what the shards hold), and the VGGT stage's speed knobs
+_NOT_IDENTITY = {"model_path", "vggt_model", "max_reject_fraction", "vggt_batch_samples", "vggt_compile"}
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "added_tokens.json",
                    "special_tokens_map.json")
 PROCESSOR_FILES = ("preprocessor_config.json",)
@@ -136,10 +139,13 @@ class BuildConfig:
         return {k: v for k, v in self.to_dict().items() if k not in _RUNTIME_FIELDS}
 
     def output_hash(self) -> str:
-        """The build's identity (module docstring): output_dict without the model folder's path, plus the sha256
-        of the tokenizer and preprocessor files in it."""
-        values = {k: v for k, v in self.output_dict().items() if k != "model_path"}
+        """The build's identity (module docstring): output_dict without the model folder's and the checkpoint's
+        paths and without settings that do not change what is stored, plus the sha256 of the tokenizer and
+        preprocessor files. The checkpoint's identity is its sha256, kept per shard by the VGGT stage: another
+        checkpoint recomputes the features of finished shards."""
+        values = {k: v for k, v in self.output_dict().items() if k not in _NOT_IDENTITY}
         values["model_files_sha256"] = _model_files_hash(self.model_path)
+        values["with_vggt"] = bool(self.vggt_model)
         return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
 
     def replace(self, **changes: Any) -> "BuildConfig":

@@ -255,7 +255,11 @@ def read_manifest(url: str) -> Manifest:
 
 def write_manifest(url: str, manifest: Manifest) -> None:
     """Write atomically: local files via a temporary file + rename; object stores with one put."""
-    data = manifest.to_json().encode("utf-8")
+    write_bytes_atomic(url, manifest.to_json().encode("utf-8"))
+
+
+def write_bytes_atomic(url: str, data: bytes) -> None:
+    """A whole file or none: local files via a temporary `.<name>.*.tmp` + rename; object stores with one put."""
     fs, path = fsspec.core.url_to_fs(url)
     if not isinstance(fs, LocalFileSystem):
         fs.pipe_file(path, data)

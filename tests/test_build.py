@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from prep.build import BuildError, build, parse_args
 from prep.ray_executor import check_nodes_see_paths, probe_paths
+from prep.sample_data import write_sample_episodes
 from schemas.config import TOKENIZER_FILES, BuildConfig, files_hash
 from shards_manifest import shard_io
 from shards_manifest.verify import quick_verify
@@ -193,3 +195,53 @@ def test_ray_preflight_probes_every_node_and_cleans_up(config, tmp_path):
         ray.shutdown()
     assert f"node {address}: tokenizer folder (--model-path) {missing} does not exist here" in str(error.value)
     assert list(Path(config.output).iterdir()) == []  # the probe's marker is gone, also after a failure
+
+
+def sample_episodes(output: str) -> Counter:
+    """Samples per episode over all shards the manifest lists."""
+    manifest = shard_io.read_manifest(f"{output}/manifest.json")
+    return Counter(r.episode for s in manifest.shards for r in shard_io.read_shard(f"{output}/{s.name}").samples)
+
+
+def test_rerun_after_the_input_changed_neither_loses_nor_repeats_episodes(tmp_path, tokenizer_dir):
+    episodes = write_sample_episodes(tmp_path / "episodes", num_episodes=4)
+    aside = tmp_path / "aside"
+    aside.mkdir()
+    config = BuildConfig(input=str(episodes), model_path=str(tokenizer_dir), output=str(tmp_path / "out"),
+                         episodes_per_shard=1, max_history_images=1, progress=False)
+    reference = tmp_path / "reference"
+    build(config.replace(output=str(reference)))
+    shutil.move(episodes / "episode_001", aside / "episode_001")
+    build(config)  # episodes 0, 2, 3 in shards 0-2
+    shutil.move(aside / "episode_001", episodes / "episode_001")
+    summary = build(config)  # 4 episodes again: shards 1-3 now hold other episodes
+    assert summary["shards_skipped_already_done"] == 1
+    assert shard_bytes(config.output) == shard_bytes(str(reference))
+    shutil.move(episodes / "episode_003", aside / "episode_003")
+    summary = build(config)  # one episode fewer: shard-000003 is left over from the last run
+    assert summary["shards_skipped_already_done"] == 3
+    assert sorted(sample_episodes(config.output)) == ["episode_000", "episode_001", "episode_002"]
+    assert not Path(config.output, "shard-000003.tar").exists()
+    assert not Path(config.output, "_tasks", "shard-000003.tar.json").exists()
+
+
+def test_failed_rerun_leaves_no_manifest(config):
+    build(config)
+    with pytest.raises(BuildError, match="No manifest was written"):
+        build(config.replace(max_reject_fraction=0.0))  # the budget is not part of the identity: same build
+    assert not Path(config.output, "manifest.json").exists()
+    assert build(config)["shards_skipped_already_done"] == 2
+
+
+def test_damaged_records_and_manifest_do_not_block_a_rerun(config):
+    build(config)
+    first = shard_bytes(config.output)
+    record = Path(config.output, "_tasks", "shard-000001.tar.json")
+    record.write_text(record.read_text()[:40])  # a write cut short
+    assert build(config)["shards_skipped_already_done"] == 1
+    assert shard_bytes(config.output) == first
+    Path(config.output, "manifest.json").write_text("{not json")
+    with pytest.raises(FileExistsError, match="manifest.json is unreadable"):
+        build(config)
+    assert build(config.replace(overwrite=True))["shards_skipped_already_done"] == 0
+    assert shard_bytes(config.output) == first
