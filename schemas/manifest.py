@@ -242,6 +242,18 @@ def check_manifest_compat(manifest: Manifest, expected: dict[str, Any], where: s
                           "configuration", "; ".join(text for _, text in problems))
 
 
+def manifest_url(source: str) -> str:
+    """`source` itself, or `source/manifest.json` when `source` is a folder (a build's output)."""
+    if source.endswith(".json"):
+        return source
+    try:
+        fs, path = fsspec.core.url_to_fs(source)
+        is_folder = fs.isdir(path)
+    except (ImportError, ValueError, OSError):  # a URL scheme fsspec cannot list: leave it to the shard reader
+        return source
+    return source.rstrip("/") + "/manifest.json" if is_folder else source
+
+
 def read_manifest(url: str) -> Manifest:
     """Read and validate a manifest from a local path or fsspec URL."""
     with fsspec.open(url, "rb") as f:

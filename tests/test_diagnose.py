@@ -218,3 +218,10 @@ def test_json_round_trip(excerpt_path: Path, excerpt: dict, tmp_path: Path) -> N
     assert logs[0]["checkpoint_saves"]["saves"][0]["extra_s"] == 35.0
     assert logs[0]["step_time"] == json.loads(json.dumps(excerpt["step_time"]))
     assert logs[1]["loss"]["first"]["loss"] is None and logs[1]["loss"]["num_nonfinite"] == 1
+
+
+@pytest.mark.parametrize("window", ["0", "-5"])
+def test_window_steps_below_one_is_a_usage_error(excerpt_path: Path, window: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(excerpt_path), "--window-steps", window])
+    assert exit_info.value.code == 2 and "expected an integer ≥ 1" in capsys.readouterr().err

@@ -283,7 +283,8 @@ def test_resume_without_workers_and_refusals(manifest):
     resumed.load_state_dict(state)
     _assert_same_batches(list(_loader(resumed, 0)), full[4:])
     resumed.load_state_dict(state)
-    assert "num_workers" in _worker_error(_loader(resumed, 2))
+    error = _worker_error(_loader(resumed, 2))
+    assert "dataloader_num_workers" in error and "expected 0 or 1 (as when the state was saved), found 2" in error
     with pytest.raises(SchemaError, match="seed"):
         ShardStream(manifest, StreamConfig(seed=4)).load_state_dict(state)
     with pytest.raises(SchemaError, match="world_size"):

@@ -111,6 +111,41 @@ def test_load_config_overrides(tmp_path):
         load_config(path)
 
 
+def test_load_config_booleans_nesting_and_deepspeed_path():
+    tiny = REPO / "configs" / "train_tiny.yaml"
+    config = load_config(tiny, ["training.dataloader_persistent_workers=no", "model.with_vggt=off",
+                                "training.save_strategy=no", "deepspeed=zero3.json"])
+    assert config["training"]["dataloader_persistent_workers"] is False and config["model"]["with_vggt"] is False
+    assert config["training"]["save_strategy"] == "no"  # a string option keeps the word
+    assert Path(config["deepspeed"]) == REPO / "configs" / "zero3.json"  # beside the config file
+    assert load_config(tiny, ["deepspeed.zero_optimization.stage=2"])["deepspeed"] == {"zero_optimization": {"stage": 2}}
+    with pytest.raises(SchemaError, match="no such file"):
+        load_config(tiny, ["deepspeed=zero9.json"])
+    with pytest.raises(SchemaError, match="training.learning_rate"):
+        load_config(tiny, ["training.learning_rate.x=3"])
+
+
+@pytest.mark.parametrize("key, value, field", [("data.num_open_shards", 1, "num_open_shards"),
+                                               ("data.stream", {"mixx": "sequential"}, "mixx"),
+                                               ("loss.action_weigth", 0.5, "action_weigth"),
+                                               ("training.learning_rat", 0.1, "learning_rat"),
+                                               ("training.resume_from_checkpoint", "/nonexistent/checkpoint-4",
+                                                "resume_from_checkpoint")])
+def test_misspelt_keys_and_missing_checkpoint_are_refused_by_name(manifest, tmp_path, key, value, field):
+    config = tiny_config(manifest, tmp_path, max_steps=1)
+    section, leaf = key.split(".")
+    config[section][leaf] = value
+    with pytest.raises(SchemaError, match=field):
+        run(config)
+
+
+def test_build_folder_as_manifest_and_data_seed_zero(manifest, tmp_path):
+    trainer = run(tiny_config(str(Path(manifest).parent), tmp_path, max_steps=1))
+    assert step_records(trainer)[0]["step"] == 1
+    dataset, _ = build_dataset({"manifest": manifest}, {"seed": 5, "data_seed": 0})
+    assert dataset.config.seed == 0
+
+
 def test_bench_train_step_runs_tiny_on_cpu():
     out = subprocess.run([sys.executable, "bench/train_step.py", "--shape", "tiny", "--steps", "3", "--warmup", "1",
                           "--batch", "1", "--images", "2", "--image-size", "112", "--json"], cwd=REPO,
@@ -167,3 +202,13 @@ def test_build_tokenizer_is_checked_against_model_qwen(manifest, tokenizer_dir, 
     weights_only.mkdir()
     assert expected_build({"manifest": manifest}, {"qwen": str(weights_only)}) is None
     assert "has no tokenizer files" in caplog.text
+
+
+def test_consolidate_refuses_incomplete_checkpoints(tmp_path):
+    from train.consolidate import consolidate, main as consolidate_main
+    for name in ("config.json", "janus_config.json"):
+        (tmp_path / name).write_text("{}")
+    (tmp_path / "latest").write_text("global_step3")
+    with pytest.raises(SchemaError, match="global_step3/"):  # a half-copied checkpoint: no ZeRO shards
+        consolidate(tmp_path, tmp_path / "out")
+    assert consolidate_main([str(tmp_path), str(tmp_path / "out")]) == 2

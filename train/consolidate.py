@@ -47,6 +47,9 @@ def consolidate(checkpoint_dir: str | Path, out_dir: str | Path, dtype: torch.dt
     if missing:
         raise SchemaError(str(checkpoint_dir), ", ".join(missing), "a ZeRO checkpoint written by JanusTrainer "
                           "(latest, config.json, janus_config.json)", "missing")
+    tag = (checkpoint_dir / "latest").read_text().strip()
+    if not (checkpoint_dir / tag).is_dir():
+        raise SchemaError(str(checkpoint_dir), "latest", f"the folder it names ({tag}/, the ZeRO shards)", "missing")
     state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir))
     # ZeRO-2 checkpoints give frozen parameters as views into larger buffers, which safetensors refuses to write
     state = {name: tensor if tensor.untyped_storage().nbytes() == tensor.nbytes else tensor.clone()

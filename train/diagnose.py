@@ -277,8 +277,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     parser.add_argument("--max-grad-norm", type=float, default=None,
                         help=f"clip threshold when the log has none (default {HF_DEFAULT_MAX_GRAD_NORM}, HF's)")
-    parser.add_argument("--window-steps", type=int, default=250, help="window for step-time/loss trends")
+    parser.add_argument("--window-steps", type=int, default=250, help="window for step-time/loss trends (≥ 1)")
     args = parser.parse_args(argv)
+    if args.window_steps < 1:
+        parser.error(f"--window-steps: expected an integer ≥ 1, found {args.window_steps}")
     reports, status = [], 0
     for path in args.logs:
         try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import enum
 import faulthandler
 import json
 import logging
@@ -26,7 +27,7 @@ from transformers import TrainingArguments, set_seed
 
 from schemas.config import TOKENIZER_FILES, files_hash, read_config_file
 from schemas.errors import SchemaError
-from schemas.manifest import check_vggt_tags, read_manifest
+from schemas.manifest import check_vggt_tags, manifest_url, read_manifest
 from train.callbacks import LoaderStateCallback, StepLogCallback
 from train.collate import Collator
 from train.loss import LossConfig
@@ -36,6 +37,7 @@ from train.trainer import JanusTrainer
 logger = logging.getLogger(__name__)
 
 SECTIONS = ("data", "model", "loss", "training", "deepspeed")
+DATA_KEYS = ("manifest", "shards", "online", "stream", "expect")
 MODEL_KEYS = ("tiny", "vocab_size", "seed", "with_vggt", "qwen", "vggt_checkpoint", "vggt_config", "dtype",
               "vision_attention")
 TINY_JANUS = {"vggt_dim": 128, "merger_hidden": 128}  # JanusVLN.tiny's aggregator gives 128-d features
@@ -53,20 +55,40 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
             raise SchemaError("--set", item, "section.key=value", item)
         *parents, leaf = key.split(".")
         node = config
-        for part in parents:
-            node = node.setdefault(part, {})
-        parsed = yaml.safe_load(value)
-        # YAML 1.1 reads no/off/yes/on as booleans; TrainingArguments wants save_strategy=no as a string
-        node[leaf] = value if isinstance(parsed, bool) and value.lower() not in ("true", "false") else parsed
+        for depth, part in enumerate(parents):
+            if node.get(part) is None:
+                node[part] = {}
+            if not isinstance(node[part], dict):
+                raise SchemaError("--set", ".".join(parents[: depth + 1]), f"a mapping to set {leaf!r} in", node[part])
+            node = node[part]
+        node[leaf] = _override_value(parents[0] if parents else "", node.get(leaf), leaf, value)
     config = _floats(config)
     unknown = sorted(set(config) - set(SECTIONS))
     if unknown:
         raise SchemaError(str(path), ", ".join(unknown), f"only the sections {SECTIONS}", "unknown sections")
-    if config.get("deepspeed") and not Path(config["deepspeed"]).is_file():
-        beside = path.parent / config["deepspeed"]
-        if beside.is_file():
-            config["deepspeed"] = str(beside)
+    if isinstance(config.get("deepspeed"), str):  # a dict is a DeepSpeed config given inline
+        config["deepspeed"] = _deepspeed_path(config["deepspeed"], Path(path))
     return config
+
+
+def _override_value(section: str, current: Any, leaf: str, text: str) -> Any:
+    """A `--set` value parsed as YAML, except that no/off/yes/on stay strings where the option takes a string
+    (`training.save_strategy=no`): YAML 1.1 would read them as booleans."""
+    parsed = yaml.safe_load(text)
+    if isinstance(parsed, bool) and text.lower() not in ("true", "false"):
+        reference = current if current is not None else TRAINING_DEFAULTS.get(leaf) if section == "training" else None
+        if isinstance(reference, (str, enum.Enum)):
+            return text
+    return parsed
+
+
+def _deepspeed_path(value: str, config_path: Path) -> str:
+    """The DeepSpeed JSON as given (relative to the working directory), else relative to the config file."""
+    for candidate in (Path(value), config_path.parent / value):
+        if candidate.is_file():
+            return str(candidate)
+    raise SchemaError("config deepspeed", value, "a DeepSpeed JSON file, relative to the working directory or to "
+                      f"the config file's folder {config_path.parent}", "no such file")
 
 
 def _floats(node: Any) -> Any:
@@ -149,9 +171,10 @@ def build_dataset(section: dict[str, Any], training: dict[str, Any]) -> tuple[An
     if not source:
         raise SchemaError("config data", "manifest/shards/online", "one data source", section)
     from train.stream import ShardStream, StreamConfig
-    seed = training.get("data_seed") or training.get("seed", TRAINING_DEFAULTS["seed"])
-    stream_config = StreamConfig(**{"seed": seed, **section.get("stream", {}), "batch_size": batch * accum,
-                                    "num_workers": workers})
+    seed = training.get("data_seed")
+    seed = training.get("seed", TRAINING_DEFAULTS["seed"]) if seed is None else seed
+    stream = {"seed": seed, **(section.get("stream") or {}), "batch_size": batch * accum, "num_workers": workers}
+    stream_config = _construct(StreamConfig, stream, "config data.stream")
     dataset = ShardStream(source, stream_config, expected=section.get("expect"))
     batches = dataset.num_batches(batch, workers)
     info = {"data": "shards", "num_examples": dataset.num_samples, "samples_per_rank_per_epoch": len(dataset),
@@ -186,7 +209,16 @@ def training_arguments(training: dict[str, Any], deepspeed: str | None, info: di
         kwargs.setdefault("use_cpu", True)  # else Accelerate counts 1 process on CPU (dev-machine-facts §6)
     if deepspeed:
         kwargs["deepspeed"] = deepspeed
-    return TrainingArguments(accelerator_config=accelerator, **kwargs)
+    return _construct(TrainingArguments, {"accelerator_config": accelerator, **kwargs}, "config training")
+
+
+def _construct(cls: type, values: dict[str, Any], where: str) -> Any:
+    """`cls(**values)`, with a key the dataclass does not have reported as a SchemaError naming it."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise SchemaError(where, ", ".join(unknown), f"fields of {cls.__name__}", "unknown keys")
+    return cls(**values)
 
 
 def run(config: dict[str, Any], model: nn.Module | None = None) -> JanusTrainer:
@@ -196,7 +228,11 @@ def run(config: dict[str, Any], model: nn.Module | None = None) -> JanusTrainer:
     set_seed(int(training.get("seed", TRAINING_DEFAULTS["seed"])))
     model = model if model is not None else build_model(dict(config.get("model") or {}))
     data = dict(config.get("data") or {})
+    unknown = sorted(set(data) - set(DATA_KEYS))
+    if unknown:
+        raise SchemaError("config data", ", ".join(unknown), f"keys among {DATA_KEYS}", "unknown keys")
     if data.get("manifest"):
+        data["manifest"] = manifest_url(str(data["manifest"]))
         check_precomputed_features(data["manifest"], dict(config.get("model") or {}))
         data["expect"] = expected_build(data, dict(config.get("model") or {}))
     dataset, info = build_dataset(data, training)
@@ -213,7 +249,7 @@ def run(config: dict[str, Any], model: nn.Module | None = None) -> JanusTrainer:
         resolved = {"config": config, "derived": {**info, "max_steps": args.max_steps}}
         Path(args.output_dir, "launch_config.json").write_text(json.dumps(resolved, indent=1, default=str) + "\n")
     trainer = JanusTrainer(model=model, args=args, train_dataset=dataset, data_collator=Collator(),
-                           loss_config=LossConfig(**(config.get("loss") or {})))
+                           loss_config=_construct(LossConfig, config.get("loss") or {}, "config loss"))
     if hasattr(dataset, "state_dict"):
         trainer.add_callback(LoaderStateCallback(dataset))
     trainer.add_callback(StepLogCallback(trainer, setup=info))

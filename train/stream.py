@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from schemas.errors import SchemaError
-from schemas.manifest import check_manifest_compat, read_manifest
+from schemas.manifest import check_manifest_compat, manifest_url, read_manifest
 from schemas.sample import CompactFrame
 from schemas.stored import MAX_SEQUENCE_LENGTH, PackedFrame, ShardError, StoredSample
 from shards_manifest.deep_verify import image_token_problem
@@ -93,10 +93,8 @@ def count_samples(url: str, max_length: int = MAX_SEQUENCE_LENGTH) -> int:
 def resolve_source(source: str | Sequence[str], expected: dict | None, max_length: int) -> tuple[list[str], list[int]]:
     """(shard URLs, samples per shard) from a manifest path/URL (`*.json`, or the build folder holding
     `manifest.json`) or shard URLs/patterns (counted by reading)."""
-    if isinstance(source, str) and not source.endswith(".json") and "{" not in source and not source.startswith("pipe:"):
-        fs, path = fsspec.core.url_to_fs(source)
-        if fs.isdir(path):
-            source = source.rstrip("/") + "/manifest.json"
+    if isinstance(source, str) and "{" not in source and not source.startswith("pipe:"):
+        source = manifest_url(source)
     if isinstance(source, str) and source.endswith(".json"):
         manifest = read_manifest(source)
         if expected is not None:
@@ -278,9 +276,10 @@ class ShardStream(torch.utils.data.IterableDataset):
         shared = self._shared.tolist()
         epoch, slot, start = shared[_SHARED["epoch"]], worker, 0
         if shared[_SHARED["resume_epoch"]] == epoch and shared[_SHARED["num_slots"]] > 0:
-            if shared[_SHARED["num_slots"]] != num_slots:
-                raise SchemaError("ShardStream resume", "num_workers", f"{shared[_SHARED['num_slots']]} loader "
-                                  "workers (as when the state was saved)", f"{num_slots}")
+            saved = shared[_SHARED["num_slots"]]
+            if saved != num_slots:  # 0 and 1 workers are both one slot
+                raise SchemaError("ShardStream resume", "dataloader_num_workers", f"{saved if saved > 1 else '0 or 1'}"
+                                  " (as when the state was saved)", info.num_workers if info else 0)
             slot = (worker + shared[_SHARED["next_slot"]]) % num_slots
             start = shared[4 + slot]
         position = Position(epoch, self.rank, self.world_size, slot, num_slots)

@@ -186,6 +186,9 @@ class JanusTrainer(Trainer):
             resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
                 raise SchemaError(self.args.output_dir, "resume_from_checkpoint", "a checkpoint-N folder", "none")
+        if resume_from_checkpoint and not Path(resume_from_checkpoint).is_dir():
+            raise SchemaError("training", "resume_from_checkpoint", "an existing checkpoint-N folder",
+                              f"{resume_from_checkpoint} (no such folder)")
         if resume_from_checkpoint and hasattr(self.train_dataset, "load_state_dict"):
             if not self.args.ignore_data_skip:
                 raise SchemaError("TrainingArguments", "ignore_data_skip", "True with a resumable stream (the "
