@@ -231,6 +231,9 @@ def run(config: dict[str, Any], model: nn.Module | None = None) -> JanusTrainer:
     unknown = sorted(set(data) - set(DATA_KEYS))
     if unknown:
         raise SchemaError("config data", ", ".join(unknown), f"keys among {DATA_KEYS}", "unknown keys")
+    if data.get("shards") and not data.get("manifest"):
+        logger.warning("data.shards without a manifest: the build's tokenizer, image mode and VGGT feature tags "
+                       "cannot be checked against this config (give data.manifest to check them)")
     if data.get("manifest"):
         data["manifest"] = manifest_url(str(data["manifest"]))
         check_precomputed_features(data["manifest"], dict(config.get("model") or {}))
