@@ -83,7 +83,7 @@ def write_synthetic_shard(folder: str, index: int, level: int) -> ShardRecord:
             ids = np.where(template_ids < 0, rng.integers(0, 150000, len(template_ids)), template_ids)
             tokens = EncodedText(ids, np.where(mask, ids, -100), segments, positions)
             sample_id = f"{episode}/step_{step}_MOVE_FORWARD.png"
-            samples.append(StoredSample(safe_key(sample_id.replace("/", "__")), sample_id, episode,
+            samples.append(StoredSample(safe_key(sample_id), sample_id, episode,
                                         tuple(keys[p] for p in select_history(step, HISTORY)), 1, tokens))
     rng.shuffle(samples)  # mixed inside the shard, as the build does
     name = f"shard-{index:06d}.tar"

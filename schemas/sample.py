@@ -17,9 +17,10 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 
 
 def safe_key(text: str, max_chars: int = 48) -> str:
-    """A WebDataset key for `text`: readable prefix + 10 hex digits of sha1, so distinct texts never collide."""
+    """A WebDataset key for `text`: readable prefix (`/` shown as `__`) + 10 hex digits of the sha1 of `text` itself,
+    so distinct texts never share a key (also `a/b` and `a__b`, whose readable parts are equal)."""
     digest = hashlib.sha1(text.encode("utf-8")).hexdigest()[:10]
-    readable = _UNSAFE.sub("_", text).strip("_")[:max_chars]
+    readable = _UNSAFE.sub("_", text.replace("/", "__")).strip("_")[:max_chars]
     return f"{readable}-{digest}" if readable else digest
 
 
@@ -43,7 +44,7 @@ class SampleRecord:
 
     @property
     def key(self) -> str:
-        return safe_key(self.sample_id.replace("/", "__"))
+        return safe_key(self.sample_id)
 
     @property
     def action_label(self) -> int:
@@ -55,7 +56,7 @@ class SampleRecord:
 
 
 def frame_key(frame_id: str) -> str:
-    return "f-" + safe_key(frame_id.replace("/", "__"))
+    return "f-" + safe_key(frame_id)
 
 
 @dataclass(frozen=True, eq=False)

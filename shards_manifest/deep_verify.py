@@ -172,7 +172,7 @@ def sample_problems(sample: StoredSample, geometries: list[Geometry], url: str, 
     key = sample.key
     tokens, header = MemberRef(url, f"{key}.tokens.npy.zst"), MemberRef(url, f"{key}.sample.json")
     problems = []
-    if key != safe_key(sample.sample_id.replace("/", "__")):
+    if key != safe_key(sample.sample_id):
         problems.append(str(header.error(f"the key derived from sample_id {sample.sample_id!r}", key)))
     sizes = sorted({g[2:4] for g in geometries})
     if len(sizes) > 1:

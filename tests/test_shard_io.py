@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from schemas.errors import SchemaError
-from schemas.sample import CompactFrame, EncodedText
+from schemas.sample import CompactFrame, EncodedText, frame_key
 from schemas.stored import (
     PackedFrame,
     ShardError,
@@ -445,3 +445,9 @@ def test_writer_refuses_inconsistent_input() -> None:
     bad_labels.labels[-1] += 1
     with pytest.raises(SchemaError, match="labels equal to input_ids"):
         shard_bytes(frames, [StoredSample("k", "e/s", "e", (frames[0].key,), 1, bad_labels)])
+
+
+def test_keys_of_distinct_ids_never_collide():
+    """`/` is shown as `__` in the readable part; the digest is over the id itself."""
+    assert frame_key("x/a.png") != frame_key("x__a.png")
+    assert frame_key("x/a.png").startswith("f-x__a_png-")
