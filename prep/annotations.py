@@ -6,12 +6,15 @@ per sample, as in the original); a bad record becomes a reject naming file, line
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 from schemas.episode import Reject
 from schemas.errors import SchemaError
 from schemas.sample import ACTIONS, SampleRecord
+
+log = logging.getLogger(__name__)
 
 ALIASES = {
     "instruction": ("instruction", "instruction_text", "full_instruction", "instructions"),
@@ -74,8 +77,11 @@ def record_to_sample(record: dict, image_root: Path, where: str) -> SampleRecord
     fields = {f: _first_present(record, f, where) for f in ALIASES}
     images = _images(record, image_root, where)
     current = images[-1]
+    sample_id = record.get("id", where)
+    if isinstance(sample_id, bool) or not isinstance(sample_id, (str, int)) or sample_id == "":
+        raise SchemaError(where, "id", "a non-empty string or an integer (or no id: file and line)", sample_id)
     return SampleRecord(
-        sample_id=str(record.get("id", where)),
+        sample_id=str(sample_id),
         episode=str(record.get("episode", Path(current).parent.as_posix() or ".")),
         instruction=_text(fields["instruction"], "instruction", where),
         subinstruction=_text(fields["subinstruction"], "subinstruction", where),
@@ -94,15 +100,44 @@ def read_annotations(path: str | Path, image_root: str | Path | None = None) -> 
         lines = path.read_text(encoding="utf-8").splitlines()
         items = [(f"{path}:{n}", line) for n, line in enumerate(lines, 1) if line.strip()]
     else:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+            raise SchemaError(str(path), "(document)", "a UTF-8 JSON list of objects (or a .jsonl file)", str(e)) from e
         if not isinstance(data, list):
             raise SchemaError(str(path), "(top level)", "a JSON list of objects", type(data).__name__)
         items = [(f"{path}[{i}]", item) for i, item in enumerate(data)]
     samples, rejects = [], []
+    first_seen: dict[str, str] = {}
     for where, item in items:
         try:
             record = json.loads(item) if isinstance(item, str) else item
-            samples.append(record_to_sample(record, image_root, where))
+            sample = record_to_sample(record, image_root, where)
         except (SchemaError, ValueError) as e:
             rejects.append(Reject(where, "invalid_annotation", str(e)))
+            continue
+        if sample.sample_id in first_seen:  # ids name samples in shards, dumps and logs: one sample each
+            rejects.append(Reject(where, "duplicate_sample_id",
+                                  f"id {sample.sample_id!r} is already used at {first_seen[sample.sample_id]}"))
+            continue
+        first_seen[sample.sample_id] = where
+        samples.append(sample)
+    _warn_about_large_episodes(path, samples)
     return samples, rejects
+
+
+LARGE_EPISODE_SAMPLES = 2000
+
+
+def _warn_about_large_episodes(path: Path, samples: list[SampleRecord]) -> None:
+    """Records without an `episode` field are grouped by their current image's folder; a flat image folder then
+    makes one huge "episode" (one shard task holding all its frames). Say so."""
+    sizes: dict[str, int] = {}
+    for sample in samples:
+        sizes[sample.episode] = sizes.get(sample.episode, 0) + 1
+    large = {name: n for name, n in sizes.items() if n > LARGE_EPISODE_SAMPLES}
+    if large:
+        name, n = max(large.items(), key=lambda item: item[1])
+        log.warning("%s: %d episode(s) with more than %d samples (largest: %r, %d samples). Records without an "
+                    "`episode` field are grouped by their image's folder; give each record an `episode` field so "
+                    "that shards split by episode", path, len(large), LARGE_EPISODE_SAMPLES, name, n)

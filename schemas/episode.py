@@ -21,6 +21,7 @@ REJECT_REASONS = (
     "unreadable_image",
     "too_long",
     "special_token_in_text",
+    "duplicate_sample_id",
 )
 # Not a reject: the episode still yields samples, but its sub-instruction mapping follows the
 # original's overwrite behaviour (fewer checkpoints than sub-instructions − 1); counted in the manifest.

@@ -44,3 +44,21 @@ def test_json_list_must_be_a_list(tmp_path):
     path.write_text(json.dumps({"not": "a list"}))
     with pytest.raises(SchemaError, match="JSON list"):
         read_annotations(path)
+    path.write_text('[{"id": 1},')
+    with pytest.raises(SchemaError, match=r"ann.json.*\(document\).*Expecting value"):
+        read_annotations(path)
+
+
+def test_duplicate_and_invalid_ids_are_rejects_naming_the_line(tmp_path):
+    record = {"instruction": "Go.", "subinstruction": "Go.", "2D_description": "A door.", "3D_description": "Ahead.",
+              "action": 0, "images": ["e/0.png"]}
+    lines = [{**record, "id": "e/0"}, {**record, "id": "e/1"}, {**record, "id": "e/0"}, {**record, "id": None},
+             {**record, "id": 7}, {**record, "id": "7"}]
+    path = tmp_path / "ann.jsonl"
+    path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    samples, rejects = read_annotations(path)
+    assert [s.sample_id for s in samples] == ["e/0", "e/1", "7"]
+    assert [(r.source, r.reason) for r in rejects] == [(f"{path}:3", "duplicate_sample_id"),
+                                                      (f"{path}:4", "invalid_annotation"),
+                                                      (f"{path}:6", "duplicate_sample_id")]
+    assert rejects[0].detail == f"id 'e/0' is already used at {path}:1"
