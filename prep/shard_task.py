@@ -92,7 +92,7 @@ def run_task(task: ShardTask, config: BuildConfig) -> ShardResult:
 
 def task_inputs_hash(task: ShardTask) -> str:
     """What the task reads: its episode folders in order, each with its files' names and sizes (a listing, no
-    reads), or its annotation records. Re-planning after episodes were added or removed moves episodes between
+    reads), or its annotation records and the sizes of their images. Re-planning after episodes were added or removed moves episodes between
     tasks; a finished shard whose task now has other inputs is rebuilt, never reused."""
     digest = hashlib.sha256()
     for folder in task.episode_paths:
@@ -101,7 +101,16 @@ def task_inputs_hash(task: ShardTask) -> str:
         digest.update(json.dumps([folder, listing]).encode())
     for sample in task.samples:
         digest.update(json.dumps(asdict(sample), sort_keys=True, default=str).encode())
+    sizes = {path: _size(path) for sample in task.samples for path in sample.frame_paths}
+    digest.update(json.dumps(sorted(sizes.items())).encode())
     return digest.hexdigest()
+
+
+def _size(path: str) -> int | None:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return None
 
 
 def write_task_record(config: BuildConfig, result: ShardResult) -> None:

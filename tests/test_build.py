@@ -245,3 +245,26 @@ def test_damaged_records_and_manifest_do_not_block_a_rerun(config):
         build(config)
     assert build(config.replace(overwrite=True))["shards_skipped_already_done"] == 0
     assert shard_bytes(config.output) == first
+
+
+def test_annotation_input_equals_episode_input_and_rebuilds_when_an_image_changes(tmp_path, tokenizer_dir):
+    from PIL import Image
+
+    from prep.episodes import read_samples
+    episodes = write_sample_episodes(tmp_path / "episodes", num_episodes=2)
+    config = BuildConfig(input=str(episodes), model_path=str(tokenizer_dir), output=str(tmp_path / "from_episodes"),
+                         max_history_images=2, max_reject_fraction=0.5, progress=False)
+    build(config)
+    samples = read_samples(episodes, 2)[0]
+    annotations = tmp_path / "ann.jsonl"
+    annotations.write_text("".join(json.dumps({
+        "id": s.sample_id, "episode": s.episode, "instruction": s.instruction, "subinstruction": s.subinstruction,
+        "2D_description": s.description_2d, "3D_description": s.description_3d, "action": s.action,
+        "images": list(s.frame_ids)}) + "\n" for s in samples))
+    from_annotations = config.replace(input=str(annotations), image_root=str(episodes),
+                                      output=str(tmp_path / "from_annotations"))
+    build(from_annotations)
+    assert shard_bytes(from_annotations.output) == shard_bytes(config.output)
+    image = Path(samples[0].frame_paths[-1])
+    Image.new("RGB", (320, 240), (200, 10, 10)).save(image)  # same name, other picture
+    assert build(from_annotations)["shards_skipped_already_done"] == 0
