@@ -174,6 +174,11 @@ def _encode_samples(samples: list[SampleRecord], config: BuildConfig, rejects: l
             bad = [p for p, f in zip(sample.frame_paths, sample_frames) if f is None]
             rejects.append(Reject(sample.sample_id, "unreadable_image", f"cannot decode {bad[0]}"))
             continue
+        sizes = sorted({(f.canvas_h, f.canvas_w) for f in sample_frames})
+        if len(sizes) > 1:  # crop mode keeps each image's aspect; VGGT attends across frames of one size
+            rejects.append(Reject(sample.sample_id, "mixed_frame_sizes",
+                                  f"the sample's frames have {len(sizes)} sizes (h, w): {sizes}"))
+            continue
         grids = [qwen_grid(f.canvas_h, f.canvas_w) for f in sample_frames]
         text = encoder.encode_text(sample, grids)
         if len(text) > config.max_length:

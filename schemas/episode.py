@@ -22,6 +22,7 @@ REJECT_REASONS = (
     "too_long",
     "special_token_in_text",
     "duplicate_sample_id",
+    "mixed_frame_sizes",
 )
 # Not a reject: the episode still yields samples, but its sub-instruction mapping follows the
 # original's overwrite behaviour (fewer checkpoints than sub-instructions − 1); counted in the manifest.

@@ -154,3 +154,16 @@ def test_failed_task_then_rerun_equals_clean_build(episodes_dir, tokenizer_dir, 
     assert all((tmp_path / "clean" / n).read_bytes() == (tmp_path / "crash" / n).read_bytes() for n in names)
     assert np.array_equal(*[json.loads((tmp_path / d / "manifest.json").read_text())["totals"]["samples"]
                             for d in ("clean", "crash")])
+
+
+def test_crop_mode_rejects_samples_whose_frames_differ_in_size(tmp_path, tokenizer_dir):
+    root = tmp_path / "episodes"
+    steps = {f"step_{i}_MOVE_FORWARD.png": GOOD_STEP for i in range(3)}
+    make_episode(root, "ep", steps)
+    Image.new("RGB", (48, 64), (10, 20, 30)).save(root / "ep" / "step_1_MOVE_FORWARD.png")  # portrait among landscape
+    for mode, expected in (("crop", {"ep/step_1_MOVE_FORWARD.png", "ep/step_2_MOVE_FORWARD.png"}), ("pad", set())):
+        config = BuildConfig(input=str(root), model_path=str(tokenizer_dir), output=str(tmp_path / mode),
+                             image_mode=mode, max_reject_fraction=1.0, progress=False)
+        build(config)
+        rejects = [json.loads(line) for line in (tmp_path / mode / "rejects.jsonl").read_text().splitlines()]
+        assert {r["source"] for r in rejects if r["reason"] == "mixed_frame_sizes"} == expected
