@@ -162,17 +162,18 @@ def _encode_samples(samples: list[SampleRecord], config: BuildConfig, rejects: l
                     result: ShardResult) -> tuple[list[CompactFrame], list[StoredSample]]:
     encoder = text_encoder(config.model_path)
     frames: dict[str, CompactFrame | None] = {}
+    problems: dict[str, str] = {}  # why a frame in `frames` is None
     stored = []
     for sample in samples:
         problem = special_token_problem(sample)
         if problem:
             rejects.append(Reject(sample.sample_id, "special_token_in_text", problem))
             continue
-        sample_frames = [_load_frame(frames, key, path, config, result) for key, path in
+        sample_frames = [_load_frame(frames, problems, key, path, config, result) for key, path in
                          zip(sample.frame_keys, sample.frame_paths)]
         if any(f is None for f in sample_frames):
-            bad = [p for p, f in zip(sample.frame_paths, sample_frames) if f is None]
-            rejects.append(Reject(sample.sample_id, "unreadable_image", f"cannot decode {bad[0]}"))
+            bad = next(k for k, f in zip(sample.frame_keys, sample_frames) if f is None)
+            rejects.append(Reject(sample.sample_id, "unreadable_image", problems[bad]))
             continue
         sizes = sorted({(f.canvas_h, f.canvas_w) for f in sample_frames})
         if len(sizes) > 1:  # crop mode keeps each image's aspect; VGGT attends across frames of one size
@@ -194,11 +195,14 @@ def _encode_samples(samples: list[SampleRecord], config: BuildConfig, rejects: l
     return ordered, stored
 
 
-def _load_frame(cache: dict, key: str, path: str, config: BuildConfig, result: ShardResult) -> CompactFrame | None:
+def _load_frame(cache: dict, problems: dict, key: str, path: str, config: BuildConfig,
+                result: ShardResult) -> CompactFrame | None:
+    """The frame (decoded once per task), or None with the reason in `problems[key]`."""
     if key not in cache:
         try:
             cache[key] = load_compact_frame(path, key, config.image_mode)
             result.source_image_bytes += Path(path).stat().st_size
-        except (SchemaError, OSError):
+        except (SchemaError, OSError) as e:
             cache[key] = None
+            problems[key] = str(e)  # names the file
     return cache[key]

@@ -88,6 +88,8 @@ def test_each_bad_input_is_rejected_with_its_reason_and_the_rest_builds(messy_ro
     details = {r["source"]: r["detail"] for r in rejects}
     assert details["bad_image_tag/step_0_STOP.png"] == "description_2d contains '<image>'"
     assert details["bad_chat_token/step_0_STOP.png"] == "instruction contains '<|im_end|>'"
+    assert "cannot identify image file" in details["bad_text_as_png/step_0_STOP.png"]  # the cause, not just "bad"
+    assert "found '3000x10'" in details["bad_too_thin/step_0_STOP.png"]
     # 3 good episodes + 6 odd-but-valid single-step episodes all build
     good = sum(1 for s in read_episode_samples(messy_root) if not s.startswith("bad_"))
     assert summary["samples"] == good
