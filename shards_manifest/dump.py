@@ -51,6 +51,13 @@ def find_samples(root_url: str, manifest: Manifest, wanted: Iterable[str], shard
     """
     remaining = set(wanted)
     found: dict[str, tuple[str, dict]] = {}
+    listed = {s.name for s in manifest.shards}
+    shards = [name if name in listed or name.endswith(".tar") else f"{name}.tar" for name in shards]
+    unknown = sorted(set(shards) - listed)
+    if unknown:
+        raise SchemaError(root_url, "--shard", f"shard names listed in the manifest (like {manifest.shards[0].name})"
+                          if manifest.shards else "shard names listed in the manifest (it lists none)",
+                          ", ".join(unknown))
     names = [s.name for s in manifest.shards if not shards or s.name in shards]
     for name in names:
         if not remaining:

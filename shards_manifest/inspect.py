@@ -33,6 +33,7 @@ class ShardStats:
     frames: int = 0
     frame_bytes: int = 0  # zstd payloads
     frame_raw_bytes: int = 0  # h·w·3 uint8
+    vggt_raw_bytes: int = 0  # decompressed precomputed features (they barely compress)
 
 
 def scan_shard(url: str, name: str, max_length: int = MAX_SEQUENCE_LENGTH) -> ShardStats:
@@ -43,6 +44,8 @@ def scan_shard(url: str, name: str, max_length: int = MAX_SEQUENCE_LENGTH) -> Sh
             stats.frame_bytes += len(record.payload)
             stats.frame_raw_bytes += record.geometry[0] * record.geometry[1] * 3
             continue
+        if record.vggt_features is not None:
+            stats.vggt_raw_bytes += np.asarray(record.vggt_features).nbytes
         ids = record.tokens.input_ids
         pads = int(np.count_nonzero(ids == IMAGE_PAD_ID))
         for key, value in (("sequence_length", len(ids)), ("text_tokens", len(ids) - pads), ("visual_tokens", pads),
@@ -104,7 +107,8 @@ def _scan_summary(scanned: list[ShardStats], shard_bytes: int) -> dict:
         "storage_scanned_per_sample": {
             "shard_bytes": shard_bytes / samples, "frame_bytes": frame_bytes / samples,
             "frame_raw_uint8_bytes": raw / samples, "frame_compression_ratio": raw / max(1, frame_bytes),
-            "tokens_json_and_tar_bytes": (shard_bytes - frame_bytes) / samples},
+            "vggt_feature_raw_bytes": sum(s.vggt_raw_bytes for s in scanned) / samples,
+            "other_bytes_tokens_features_json_tar": (shard_bytes - frame_bytes) / samples},
     }
 
 

@@ -98,6 +98,10 @@ def test_dump_cli_writes_the_npz_by_sample_id_or_key(good_build, found, fixtures
                  "--weights", "1,1,1,1", "--shard", shard]) == 0
     with np.load(out) as z:
         np.testing.assert_array_equal(z["loss_weights"], (z["labels"] != -100).astype(np.float32))
+    assert main(["dump", str(good_build), sample_id, "--out", str(out), "--shard", shard.removesuffix(".tar")]) == 0
+    assert main(["dump", str(good_build), sample_id, "--out", str(out), "--shard", "shard-000777"]) == 1
+    assert "expected shard names listed in the manifest (like shard-000000.tar), found 'shard-000777.tar'" in \
+        capsys.readouterr().err
 
 
 def test_dump_unknown_sample_fails(good_build, tmp_path, capsys):
@@ -185,6 +189,8 @@ def test_features_are_verified_against_the_tags_and_dumped(tmp_path, episodes_di
     widened = (stored.vggt_features.astype(np.uint32) << 16).view(np.float32)  # bfloat16 → float32 by its bits
     np.testing.assert_array_equal(dumped["vggt_features"], widened)
     assert str(dumped["vggt_features_dtype"]) == "bfloat16" and dumped["vggt_features"].shape == (46 * 46, 128)
+    storage = build_summary(str(out), manifest)["storage_scanned_per_sample"]
+    assert storage["vggt_feature_raw_bytes"] == 46 * 46 * 128 * 2  # reported apart from the frames
     member = f"shard {out}/{manifest.shards[0].name}: member {stored.key}.vggt.npy.zst: expected "
     for tags, problem in ((dataclasses.replace(manifest.vggt, dtype="float16"),
                            "VGGT features (P, C) float16 with P in [2116], found (2116, 128) bfloat16"),
