@@ -11,12 +11,13 @@ from schemas import SCHEMA_VERSION
 from schemas.config import PROCESSOR_FILES, TOKENIZER_FILES, BuildConfig, files_hash
 from schemas.episode import AMBIGUOUS_SUBINSTRUCTION_MAPPING
 from schemas.errors import SchemaError
-from schemas.manifest import Manifest, ShardRecord, Totals, VggtTags
+from schemas.manifest import Manifest, ShardRecord, Totals, VggtTags, write_bytes_atomic
 from shards_manifest import shard_io
 
 log = logging.getLogger(__name__)
 CREATED_BY = "vln-shards 0.1.0 prep.build"
 SHARD_FILE = re.compile(r"shard-\d{6}\.tar")
+IDENTITY_FILE = f"{TASKS_DIR}/build_identity.json"  # the options of the build in this folder
 
 
 def check_output(config: BuildConfig) -> None:
@@ -34,14 +35,15 @@ def check_output(config: BuildConfig) -> None:
             hashes.add("unreadable manifest")
     if fs.exists(f"{root}/{TASKS_DIR}"):
         for path in fs.ls(f"{root}/{TASKS_DIR}", detail=False):
-            record = read_task_record(fs, path) if path.endswith(".json") else None
+            name = path.rstrip("/").rsplit("/", 1)[-1]
+            record = read_task_record(fs, path) if SHARD_FILE.fullmatch(name.removesuffix(".json")) else None
             if record is not None:  # unreadable records only mean "not finished"
                 hashes.add(record.config_hash)
     foreign = hashes - {config.output_hash()}
     if foreign and not config.overwrite:
-        raise FileExistsError(f"{config.output} holds a build with another configuration (config hash "
-                              f"{sorted(foreign)[0][:12]}, this build {config.output_hash()[:12]}); "
-                              "use --overwrite to replace it or choose another --output")
+        raise FileExistsError(f"{config.output} holds a build with another configuration "
+                              f"({_differences(fs, root, config)}); use --overwrite to replace it or choose another "
+                              "--output")
     if foreign:
         log.warning("--overwrite: removing the previous build in %s", config.output)
         for path in fs.ls(root, detail=False):
@@ -49,6 +51,21 @@ def check_output(config: BuildConfig) -> None:
             if name.startswith("shard-") or name in ("manifest.json", "rejects.jsonl", TASKS_DIR):
                 fs.rm(path, recursive=True)
     fs.makedirs(root, exist_ok=True)
+    write_bytes_atomic(f"{config.output.rstrip('/')}/{IDENTITY_FILE}",
+                       json.dumps({"hash": config.output_hash(), "values": config.identity()}, indent=1,
+                                  sort_keys=True).encode())
+
+
+def _differences(fs, root: str, config: BuildConfig) -> str:
+    """What differs between the build in the folder (its identity file) and `config`, for the refusal message."""
+    try:
+        stored = json.loads(fs.cat_file(f"{root}/{IDENTITY_FILE}"))["values"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"this build's config hash is {config.output_hash()[:12]}; the folder's options are not recorded"
+    current = config.identity()
+    changed = [f"{key} {stored.get(key)!r} → {current.get(key)!r}" for key in sorted(set(stored) | set(current))
+               if stored.get(key) != current.get(key)]
+    return "differs in " + "; ".join(changed) if changed else "same options, other hash"
 
 
 def remove_stale_shards(config: BuildConfig, planned: set[str], written: set[str]) -> list[str]:

@@ -143,10 +143,14 @@ class BuildConfig:
         paths and without settings that do not change what is stored, plus the sha256 of the tokenizer and
         preprocessor files. The checkpoint's identity is its sha256, kept per shard by the VGGT stage: another
         checkpoint recomputes the features of finished shards."""
+        return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()
+
+    def identity(self) -> dict[str, Any]:
+        """The values `output_hash` covers (a build folder keeps them, so a refusal can name what differs)."""
         values = {k: v for k, v in self.output_dict().items() if k not in _NOT_IDENTITY}
         values["model_files_sha256"] = _model_files_hash(self.model_path)
         values["with_vggt"] = bool(self.vggt_model)
-        return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
+        return values
 
     def replace(self, **changes: Any) -> "BuildConfig":
         return dataclasses.replace(self, **changes)

@@ -102,9 +102,10 @@ def test_each_shard_is_hashed_once_per_run(config, monkeypatch):
 
 def test_refuses_other_config_unless_overwrite(config):
     build(config)
-    other = config.replace(image_mode="crop")
-    with pytest.raises(FileExistsError, match="another configuration"):
+    other = config.replace(image_mode="crop", zstd_level=3)
+    with pytest.raises(FileExistsError, match="another configuration") as refusal:
         build(other)
+    assert "differs in image_mode 'pad' → 'crop'; zstd_level 1 → 3)" in str(refusal.value)
     build(other.replace(overwrite=True))
     assert shard_io.read_manifest(f"{config.output}/manifest.json").image_mode == "crop"
 
