@@ -92,8 +92,9 @@ def run_task(task: ShardTask, config: BuildConfig) -> ShardResult:
 
 def task_inputs_hash(task: ShardTask) -> str:
     """What the task reads: its episode folders in order, each with its files' names and sizes (a listing, no
-    reads), or its annotation records and the sizes of their images. Re-planning after episodes were added or removed moves episodes between
-    tasks; a finished shard whose task now has other inputs is rebuilt, never reused."""
+    reads), or its annotation records and the sizes of their images. Re-planning after episodes were added or
+    removed moves episodes between tasks; a finished shard whose task now has other inputs is rebuilt, never
+    reused."""
     digest = hashlib.sha256()
     for folder in task.episode_paths:
         with os.scandir(folder) as entries:
