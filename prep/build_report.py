@@ -34,8 +34,8 @@ def check_output(config: BuildConfig) -> None:
                                       "replace the build there or choose another --output") from e
             hashes.add("unreadable manifest")
     if fs.exists(f"{root}/{TASKS_DIR}"):
-        for path in fs.ls(f"{root}/{TASKS_DIR}", detail=False):
-            name = path.rstrip("/").rsplit("/", 1)[-1]
+        for name in shard_io.list_names(fs, f"{root}/{TASKS_DIR}"):
+            path = f"{root}/{TASKS_DIR}/{name}"
             record = read_task_record(fs, path) if SHARD_FILE.fullmatch(name.removesuffix(".json")) else None
             if record is not None:  # unreadable records only mean "not finished"
                 hashes.add(record.config_hash)
@@ -46,10 +46,9 @@ def check_output(config: BuildConfig) -> None:
                               "--output")
     if foreign:
         log.warning("--overwrite: removing the previous build in %s", config.output)
-        for path in fs.ls(root, detail=False):
-            name = path.rsplit("/", 1)[-1]
+        for name in shard_io.list_names(fs, root):
             if name.startswith("shard-") or name in ("manifest.json", "rejects.jsonl", TASKS_DIR):
-                fs.rm(path, recursive=True)
+                fs.rm(f"{root}/{name}", recursive=True)
     fs.makedirs(root, exist_ok=True)
     write_bytes_atomic(f"{config.output.rstrip('/')}/{IDENTITY_FILE}",
                        json.dumps({"hash": config.output_hash(), "values": config.identity()}, indent=1,
@@ -74,8 +73,7 @@ def remove_stale_shards(config: BuildConfig, planned: set[str], written: set[str
     remaining `shard-*.tar` is then one the manifest lists. Returns the removed shard names."""
     fs, root = shard_io.url_to_fs(config.output)
     root = root.rstrip("/")
-    stale = sorted(name for name in (p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False))
-                   if SHARD_FILE.fullmatch(name) and name not in written)
+    stale = sorted(name for name in shard_io.list_names(fs, root) if SHARD_FILE.fullmatch(name) and name not in written)
     for name in stale:
         fs.rm(f"{root}/{name}")
         if name not in planned and fs.exists(f"{root}/{TASKS_DIR}/{name}.json"):

@@ -310,3 +310,8 @@ def sha256_of(url: str, chunk_bytes: int = 1 << 20) -> str:
         while chunk := f.read(chunk_bytes):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def list_names(fs, folder: str) -> list[str]:
+    """The names (not paths) of the entries of `folder` on filesystem `fs`."""
+    return [path.rstrip("/").rsplit("/", 1)[-1] for path in fs.ls(folder, detail=False)]

@@ -50,7 +50,7 @@ def listing_problems(root_url: str, manifest: Manifest) -> tuple[list[str], set[
     """(unknown `*.tar` files beside the manifest, names of the files present in the build folder)."""
     fs, root = shard_io.url_to_fs(root_url)
     root = root.rstrip("/")
-    present = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)}
+    present = set(shard_io.list_names(fs, root))
     listed = {s.name for s in manifest.shards}
     unknown = [f"shard {root_url.rstrip('/')}/{name}: not listed in the manifest (unknown shard beside the build)"
                for name in sorted(present - listed) if name.endswith(".tar") and not name.startswith(".")]
