@@ -95,6 +95,20 @@ def test_vggt_features_stacked_and_required_on_all(samples):
         Collator()(with_features[:2] + samples[2:])
 
 
+def test_vggt_features_of_different_patch_counts_stay_per_sample(samples):
+    """Crop mode: a sample's patch count follows its image grid, so a batch may mix them."""
+    rng = np.random.default_rng(2)
+    values = [rng.standard_normal((p, 128)).astype(np.float32) for p in (1196, 2116, 1196)]
+    batch = Collator()([{**s, "vggt_features": v} for s, v in zip(samples, values)])
+    assert isinstance(batch["vggt_features"], list)
+    assert all(torch.equal(t, torch.from_numpy(v)) for t, v in zip(batch["vggt_features"], values))
+    assert batch_payload_bytes(batch) == batch_payload_bytes({k: v for k, v in batch.items()
+                                                              if k != "vggt_features"}) + sum(v.nbytes for v in values)
+    with pytest.raises(SchemaError, match="one C and dtype"):
+        Collator()([{**s, "vggt_features": v.astype(np.float16) if i else v} for i, (s, v) in
+                    enumerate(zip(samples, values))])
+
+
 def test_bad_shapes_and_empty_batch_are_refused(samples):
     broken = {**samples[0], "labels": samples[0]["labels"][:-1]}
     with pytest.raises(SchemaError, match="ep/0"):

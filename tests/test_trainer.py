@@ -212,3 +212,25 @@ def test_consolidate_refuses_incomplete_checkpoints(tmp_path):
     with pytest.raises(SchemaError, match="global_step3/"):  # a half-copied checkpoint: no ZeRO shards
         consolidate(tmp_path, tmp_path / "out")
     assert consolidate_main([str(tmp_path), str(tmp_path / "out")]) == 2
+
+
+def test_crop_build_with_features_of_two_resolutions_trains_at_batch_3(tmp_path, tokenizer_dir):
+    """Crop mode keeps each image's aspect ratio, so stored features differ in patch count between episodes."""
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from train.vggt import VGGTAggregator, tiny_config as tiny_vggt
+    episodes = write_sample_episodes(tmp_path / "episodes", num_episodes=2)
+    for png in (episodes / "episode_001").glob("*.png"):
+        Image.open(png).convert("RGB").resize((1280, 720)).save(png)
+    torch.manual_seed(0)
+    save_file({k: v.contiguous() for k, v in VGGTAggregator(tiny_vggt()).state_dict().items()},
+              str(tmp_path / "vggt.safetensors"))
+    build(BuildConfig(input=str(episodes), output=str(tmp_path / "shards"), model_path=str(tokenizer_dir),
+                      image_mode="crop", max_history_images=1, progress=False, vggt_model=str(tmp_path / "vggt.safetensors"),
+                      vggt_config="tiny", vggt_dtype="float32"))
+    config = tiny_config(str(tmp_path / "shards" / "manifest.json"), tmp_path / "out", max_steps=2,
+                         per_device_train_batch_size=3, gradient_accumulation_steps=1)
+    config["data"]["stream"] = {"num_open_shards": 2, "mix": "interleave"}
+    records = step_records(run(config))
+    assert [r["samples"] for r in records] == [3, 3] and all(math.isfinite(r["loss"]) for r in records)

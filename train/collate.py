@@ -86,7 +86,9 @@ class Collator:
                                   shapes)
 
     @staticmethod
-    def _vggt_features(samples: Sequence[dict]) -> torch.Tensor | None:
+    def _vggt_features(samples: Sequence[dict]) -> torch.Tensor | list[torch.Tensor] | None:
+        """(B, P, C) when every sample has P patches (pad mode); a list of (P_b, C) otherwise (crop mode: P follows
+        each sample's image grid). `JanusVLN.fuse_3d` takes either."""
         present = [s.get("vggt_features") is not None for s in samples]
         if not any(present):
             return None
@@ -94,12 +96,13 @@ class Collator:
             missing = [s.get("sample_id", b) for b, s in enumerate(samples) if not present[b]]
             raise SchemaError("batch", "vggt_features", "features on every sample or on none", f"missing on {missing}")
         tensors = [_as_tensor(s["vggt_features"]) for s in samples]
-        if len({(t.shape, t.dtype) for t in tensors}) != 1:
-            raise SchemaError("batch", "vggt_features", "one shape and dtype across the batch",
+        if len({(t.shape[1:], t.dtype) for t in tensors}) != 1 or tensors[0].ndim != 2:
+            raise SchemaError("batch", "vggt_features", "(P, C) features of one C and dtype across the batch",
                               sorted({(tuple(t.shape), str(t.dtype)) for t in tensors}))
-        return torch.stack(tensors)
+        return torch.stack(tensors) if len({t.shape for t in tensors}) == 1 else tensors
 
 
 def batch_payload_bytes(batch: dict) -> int:
     """Bytes of tensor data in a collated batch (what crosses from a loader worker to the trainer)."""
-    return sum(v.numel() * v.element_size() for v in batch.values() if isinstance(v, torch.Tensor))
+    tensors = [t for v in batch.values() for t in (v if isinstance(v, list) else [v]) if isinstance(t, torch.Tensor)]
+    return sum(t.numel() * t.element_size() for t in tensors)

@@ -114,8 +114,13 @@ class JanusTrainer(Trainer):
         ints/uint8/bool, and precomputed VGGT features keep their stored dtype), then decode pixels on the
         device (float32; the model casts to its own dtype)."""
         device = self.args.device
-        batch = {key: value.to(device, non_blocking=True) if isinstance(value, Tensor) else value
-                 for key, value in inputs.items() if key not in BOOKKEEPING_KEYS}
+
+        def to_device(value: Any) -> Any:  # tensors, and lists of tensors (per-sample VGGT features in crop mode)
+            if isinstance(value, list) and value and all(isinstance(v, Tensor) for v in value):
+                return [v.to(device, non_blocking=True) for v in value]
+            return value.to(device, non_blocking=True) if isinstance(value, Tensor) else value
+
+        batch = {key: to_device(value) for key, value in inputs.items() if key not in BOOKKEEPING_KEYS}
         decoded = self.pixel_decoder(batch)
         if "vggt_features" in decoded:
             decoded.pop("images_vggt", None)
