@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -132,12 +133,10 @@ LARGE_EPISODE_SAMPLES = 2000
 def _warn_about_large_episodes(path: Path, samples: list[SampleRecord]) -> None:
     """Records without an `episode` field are grouped by their current image's folder; a flat image folder then
     makes one huge "episode" (one shard task holding all its frames). Say so."""
-    sizes: dict[str, int] = {}
-    for sample in samples:
-        sizes[sample.episode] = sizes.get(sample.episode, 0) + 1
-    large = {name: n for name, n in sizes.items() if n > LARGE_EPISODE_SAMPLES}
+    sizes = Counter(sample.episode for sample in samples)
+    large = [name for name, n in sizes.items() if n > LARGE_EPISODE_SAMPLES]
     if large:
-        name, n = max(large.items(), key=lambda item: item[1])
+        name, n = sizes.most_common(1)[0]
         log.warning("%s: %d episode(s) with more than %d samples (largest: %r, %d samples). Records without an "
                     "`episode` field are grouped by their image's folder; give each record an `episode` field so "
                     "that shards split by episode", path, len(large), LARGE_EPISODE_SAMPLES, name, n)

@@ -226,7 +226,8 @@ def run(config: dict[str, Any], model: nn.Module | None = None) -> JanusTrainer:
     TrainingArguments, so DeepSpeed partitions it at initialize (no zero.Init; dev-machine-facts §6)."""
     training = dict(config.get("training") or {})
     set_seed(int(training.get("seed", TRAINING_DEFAULTS["seed"])))
-    model = model if model is not None else build_model(dict(config.get("model") or {}))
+    model_section = dict(config.get("model") or {})
+    model = model if model is not None else build_model(model_section)
     data = dict(config.get("data") or {})
     unknown = sorted(set(data) - set(DATA_KEYS))
     if unknown:
@@ -236,8 +237,8 @@ def run(config: dict[str, Any], model: nn.Module | None = None) -> JanusTrainer:
                        "cannot be checked against this config (give data.manifest to check them)")
     if data.get("manifest"):
         data["manifest"] = manifest_url(str(data["manifest"]))
-        check_precomputed_features(data["manifest"], dict(config.get("model") or {}))
-        data["expect"] = expected_build(data, dict(config.get("model") or {}))
+        check_precomputed_features(data["manifest"], model_section)
+        data["expect"] = expected_build(data, model_section)
     dataset, info = build_dataset(data, training)
     args = training_arguments(training, config.get("deepspeed"), info)
     if args.n_gpu > 1:
